@@ -1,0 +1,232 @@
+"""Advantage estimators: GRPO, Dr. GRPO, batch-level std and Durian's difficulty-aware group normalization.
+
+One calling convention for all: ``rewards`` is a flat ``(N,)`` tensor with one reward per rollout and
+``prompt_index`` an ``(N,)`` integer tensor saying which prompt (``0 .. num_prompts - 1``) each rollout answers.
+Prompts may have different numbers of rollouts (after filtering). Every estimator keeps GRPO's numerator
+``r - mean(prompt)`` and differs only in the standard deviation it divides by:
+
+================  ====================================================================
+estimator         denominator
+================  ====================================================================
+``grpo``          std of the prompt's own rewards
+``dr_grpo``       none (Dr. GRPO removes the std)
+``batch``         one std over all rewards of the batch
+``durian``        std over all rewards of the prompts of similar difficulty (a group)
+================  ====================================================================
+
+Conventions, identical in every estimator:
+
+* stds are unbiased sample stds (divide by ``n - 1``) around the mean of the set they describe, so a group
+  std includes the spread between its prompts' means; a set with a single reward has std 0;
+* ``A = (r - mean(prompt)) / (std + eps)``, ``eps = 1e-6`` as in GRPO;
+* a prompt whose rewards are all equal gets exactly ``A = 0`` for every rollout (its numerator is zero;
+  this is set explicitly so that float rounding in the mean cannot leave ``1e-17 / eps`` behind);
+* the arithmetic runs in float64 and the result has the rewards' float dtype (float32 for integer rewards);
+* an empty batch gives empty results; NaN/inf rewards, bad indices and mismatched lengths raise ValueError.
+
+Batch statistics are over what is passed in: in distributed training, gather the global batch first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from ._validation import check_finite, check_prompt_index, check_vector
+from .difficulty import perceptual_groups, reasoning_groups
+
+DEFAULT_EPS = 1e-6
+
+
+@dataclass(frozen=True)
+class _Centred:
+    """Rewards minus their prompt's mean (float64), exactly zero for prompts whose rewards are all equal."""
+
+    rewards: torch.Tensor  # (N,) float64
+    centred: torch.Tensor  # (N,) float64
+    prompt_index: torch.Tensor  # (N,) long
+    num_prompts: int
+    out_dtype: torch.dtype
+
+
+def _centre(rewards: torch.Tensor, prompt_index: torch.Tensor, num_prompts: int | None) -> _Centred:
+    rewards = check_vector("rewards", torch.as_tensor(rewards))
+    check_finite("rewards", rewards)
+    prompt_index, num_prompts = check_prompt_index(torch.as_tensor(prompt_index), rewards.numel(), num_prompts)
+    prompt_index = prompt_index.to(rewards.device)
+    out_dtype = rewards.dtype if rewards.is_floating_point() else torch.float32
+    r = rewards.to(torch.float64)
+    counts = torch.bincount(prompt_index, minlength=num_prompts).to(torch.float64)
+    mean = r.new_zeros(num_prompts).index_add_(0, prompt_index, r) / counts.clamp_min(1)
+    high = r.new_full((num_prompts,), -torch.inf).scatter_reduce_(0, prompt_index, r, reduce="amax")
+    low = r.new_full((num_prompts,), torch.inf).scatter_reduce_(0, prompt_index, r, reduce="amin")
+    constant = (high == low)[prompt_index]
+    centred = torch.where(constant, torch.zeros_like(r), r - mean[prompt_index])
+    return _Centred(r, centred, prompt_index, num_prompts, out_dtype)
+
+
+def group_std(values: torch.Tensor, group: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """Unbiased std of ``values`` within each group id (two-pass, so large offsets do not cancel); 0 for size 1.
+
+    ``values`` and ``group`` are ``(N,)``; returns ``(num_groups,)``. Empty groups also get 0.
+    """
+    counts = torch.bincount(group, minlength=num_groups).to(values.dtype)
+    mean = values.new_zeros(num_groups).index_add_(0, group, values) / counts.clamp_min(1)
+    squares = values.new_zeros(num_groups).index_add_(0, group, (values - mean[group]).square())
+    return torch.where(counts > 1, squares / (counts - 1).clamp_min(1), torch.zeros_like(squares)).sqrt()
+
+
+def _normalize(c: _Centred, rollout_group: torch.Tensor, num_groups: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(r - mean(prompt)) / (std(group) + eps)`` per rollout, and the shared std each rollout was divided by."""
+    std = group_std(c.rewards, rollout_group, num_groups)[rollout_group]
+    return c.centred / (std + eps), std
+
+
+def _check_eps(eps: float) -> None:
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0, got {eps}")
+
+
+def grpo_advantages(
+    rewards: torch.Tensor, prompt_index: torch.Tensor, *, eps: float = DEFAULT_EPS, num_prompts: int | None = None
+) -> torch.Tensor:
+    """GRPO: ``A = (r - mean(prompt)) / (std(prompt) + eps)``."""
+    _check_eps(eps)
+    c = _centre(rewards, prompt_index, num_prompts)
+    advantages, _ = _normalize(c, c.prompt_index, c.num_prompts, eps)
+    return advantages.to(c.out_dtype)
+
+
+def dr_grpo_advantages(
+    rewards: torch.Tensor, prompt_index: torch.Tensor, *, eps: float = DEFAULT_EPS, num_prompts: int | None = None
+) -> torch.Tensor:
+    """Dr. GRPO: ``A = r - mean(prompt)``, no std (``eps`` is accepted for a uniform signature and unused)."""
+    _check_eps(eps)
+    c = _centre(rewards, prompt_index, num_prompts)
+    return c.centred.to(c.out_dtype)
+
+
+def batch_std_advantages(
+    rewards: torch.Tensor, prompt_index: torch.Tensor, *, eps: float = DEFAULT_EPS, num_prompts: int | None = None
+) -> torch.Tensor:
+    """Batch-level std: ``A = (r - mean(prompt)) / (std(all rewards of the batch) + eps)``."""
+    _check_eps(eps)
+    c = _centre(rewards, prompt_index, num_prompts)
+    advantages, _ = _normalize(c, torch.zeros_like(c.prompt_index), 1, eps)
+    return advantages.to(c.out_dtype)
+
+
+@dataclass(frozen=True)
+class DurianAdvantages:
+    """Durian's advantages and what produced them, per rollout, for the loss and for logging.
+
+    A term that was not used (its score absent or its alpha 0) has ``None`` for its tensors.
+    """
+
+    advantages: torch.Tensor  # (N,) the combined advantage used by the loss
+    grpo: torch.Tensor  # (N,) A_grpo, the alpha_ori term
+    perceptual: torch.Tensor | None  # (N,) A_percep
+    reasoning: torch.Tensor | None  # (N,) A_reason
+    perceptual_group: torch.Tensor | None  # (N,) 0 (simple image) .. 2 (complex image)
+    reasoning_group: torch.Tensor | None  # (N,) 0 (least confident) .. b - 1
+    perceptual_std: torch.Tensor | None  # (N,) the shared std the perceptual term divided by
+    reasoning_std: torch.Tensor | None  # (N,) the shared std the reasoning term divided by
+    alphas: tuple[float, float, float]  # the weights applied (after dropping absent terms)
+
+
+def effective_alphas(
+    alphas: Sequence[float], has_perceptual: bool, has_reasoning: bool
+) -> tuple[float, float, float]:
+    """The alphas actually applied: an absent term's weight is dropped and the others rescaled to the same sum.
+
+    So ``(0.1, 0.2, 0.7)`` with no confidence becomes ``(1/3, 2/3, 0)``: the perceptual-only ablation keeps the
+    ratio of the remaining weights and the overall advantage scale.
+    """
+    if len(alphas) != 3:
+        raise ValueError(f"alphas must be (alpha_ori, alpha_percep, alpha_reason), got {tuple(alphas)}")
+    a = [float(x) for x in alphas]
+    if any(x < 0 or x != x for x in a):
+        raise ValueError(f"alphas must be >= 0, got {tuple(a)}")
+    total = sum(a)
+    if not total > 0:
+        raise ValueError(f"alphas must not all be 0, got {tuple(a)}")
+    kept = [a[0], a[1] if has_perceptual else 0.0, a[2] if has_reasoning else 0.0]
+    if not sum(kept) > 0:
+        raise ValueError(
+            f"alphas {tuple(a)} put all weight on terms whose scores were not given "
+            f"(visual_entropy given: {has_perceptual}, confidence given: {has_reasoning})"
+        )
+    scale = total / sum(kept)
+    return (kept[0] * scale, kept[1] * scale, kept[2] * scale)
+
+
+def _per_prompt_score(name: str, values: torch.Tensor | None, num_prompts: int, device: torch.device) -> torch.Tensor | None:
+    if values is None:
+        return None
+    values = check_vector(name, torch.as_tensor(values, device=device), num_prompts)
+    check_finite(name, values)
+    return values
+
+
+def durian_advantages(
+    rewards: torch.Tensor,
+    prompt_index: torch.Tensor,
+    *,
+    visual_entropy: torch.Tensor | None = None,
+    confidence: torch.Tensor | None = None,
+    alphas: Sequence[float] = (0.1, 0.2, 0.7),
+    num_reasoning_groups: int = 12,
+    percentiles: Sequence[float] = (0.25, 0.75),
+    entropy_thresholds: torch.Tensor | Sequence[float] | None = None,
+    eps: float = DEFAULT_EPS,
+    num_prompts: int | None = None,
+) -> DurianAdvantages:
+    """Durian: ``A = a_ori * A_grpo + a_percep * A_percep + a_reason * A_reason``.
+
+    ``A_percep = (r - mean(prompt)) / (std(R_a) + eps)`` where ``R_a`` are all rewards of the prompts in the same
+    perceptual group as this one (three groups by ``visual_entropy`` split at ``percentiles`` of the batch, or at
+    ``entropy_thresholds`` such as the dataset's); ``A_reason`` likewise over ``num_reasoning_groups``
+    equal-frequency groups of ``confidence`` (one per prompt when there are fewer prompts than groups).
+
+    ``visual_entropy`` and ``confidence`` are per prompt, ``(num_prompts,)``. Passing only one of them, or setting
+    an alpha to 0, gives the perceptual-only or reasoning-only ablation (see :func:`effective_alphas`).
+    """
+    _check_eps(eps)
+    c = _centre(rewards, prompt_index, num_prompts)
+    device = c.rewards.device
+    entropy = _per_prompt_score("visual_entropy", visual_entropy, c.num_prompts, device)
+    conf = _per_prompt_score("confidence", confidence, c.num_prompts, device)
+    weights = effective_alphas(alphas, entropy is not None, conf is not None)
+
+    grpo, _ = _normalize(c, c.prompt_index, c.num_prompts, eps)
+    combined = weights[0] * grpo
+    perceptual = perceptual_group = perceptual_std = None
+    if weights[1] > 0:
+        prompt_group = perceptual_groups(entropy, percentiles, entropy_thresholds)
+        perceptual_group = prompt_group[c.prompt_index]
+        perceptual, perceptual_std = _normalize(c, perceptual_group, 3, eps)
+        combined = combined + weights[1] * perceptual
+    reasoning = reasoning_group = reasoning_std = None
+    if weights[2] > 0:
+        prompt_group = reasoning_groups(conf, num_reasoning_groups)
+        reasoning_group = prompt_group[c.prompt_index]
+        num_groups = min(num_reasoning_groups, c.num_prompts)
+        reasoning, reasoning_std = _normalize(c, reasoning_group, num_groups, eps)
+        combined = combined + weights[2] * reasoning
+
+    def cast(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.to(c.out_dtype)
+
+    return DurianAdvantages(
+        advantages=combined.to(c.out_dtype),
+        grpo=grpo.to(c.out_dtype),
+        perceptual=cast(perceptual),
+        reasoning=cast(reasoning),
+        perceptual_group=perceptual_group,
+        reasoning_group=reasoning_group,
+        perceptual_std=cast(perceptual_std),
+        reasoning_std=cast(reasoning_std),
+        alphas=weights,
+    )

@@ -1,0 +1,175 @@
+"""Policy losses: PPO's clipped surrogate, KL estimators to a reference policy, and how per-token losses are averaged.
+
+Shapes: log-probs and the completion mask are ``(N, T)`` (N sequences, T completion positions, mask 1 on real
+tokens); advantages are ``(N,)`` (broadcast to every token of the sequence) or ``(N, T)``.
+
+Aggregation modes (how ``(N, T)`` token losses become one number) matter as much as the advantage:
+
+* ``token-mean``: sum over all real tokens / number of real tokens (DAPO): every token weighs the same;
+* ``seq-mean-token-mean``: mean over sequences of each sequence's token mean (GRPO): every sequence weighs the
+  same, so tokens of long answers weigh less; sequences with no real token are left out;
+* ``seq-mean-token-sum``: mean over sequences of each sequence's token *sum* divided by a constant (Dr. GRPO),
+  by default ``T``, the padded completion length, so the loss has no length bias.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Literal
+
+import torch
+
+KLEstimator = Literal["k1", "k2", "k3", "low_var_kl"]
+Aggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]
+
+_MAX_LOG_RATIO = 20.0
+
+
+def _broadcast_advantages(advantages: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    if advantages.dim() == 1 and advantages.shape[0] == like.shape[0]:
+        return advantages.unsqueeze(1)
+    if tuple(advantages.shape) == tuple(like.shape):
+        return advantages
+    raise ValueError(f"advantages must be (N,) or (N, T) for log-probs of shape {tuple(like.shape)}, got {tuple(advantages.shape)}")
+
+
+def clipped_surrogate(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    eps_low: float = 0.2,
+    eps_high: float | None = None,
+) -> torch.Tensor:
+    """Per-token PPO loss ``-min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A)``, ``ratio = pi / pi_old``.
+
+    ``eps_high`` defaults to ``eps_low`` (symmetric PPO); DAPO's "clip-higher" uses 0.2 / 0.28. Where the clipped
+    branch is the minimum and the ratio is outside the range, the gradient is exactly zero: the update stops there.
+    """
+    if tuple(logprobs.shape) != tuple(old_logprobs.shape):
+        raise ValueError(f"logprobs {tuple(logprobs.shape)} and old_logprobs {tuple(old_logprobs.shape)} must match")
+    eps_high = eps_low if eps_high is None else eps_high
+    if not (0 <= eps_low < 1 and eps_high >= 0):
+        raise ValueError(f"clip range needs 0 <= eps_low < 1 and eps_high >= 0, got eps_low={eps_low}, eps_high={eps_high}")
+    adv = _broadcast_advantages(advantages, logprobs).to(logprobs.dtype)
+    ratio = torch.exp(logprobs - old_logprobs)
+    unclipped = ratio * adv
+    clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * adv
+    return -torch.minimum(unclipped, clipped)
+
+
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: KLEstimator = "k3") -> torch.Tensor:
+    """Per-token estimate of ``KL(pi || pi_ref)`` from samples of ``pi`` (Schulman's k1, k2, k3).
+
+    With ``d = log pi_ref - log pi``: ``k1 = -d`` (unbiased, can be negative), ``k2 = d^2 / 2`` (biased, low variance),
+    ``k3 = exp(d) - d - 1`` (unbiased, always >= 0; "low_var_kl" in verl). For k3, ``d`` is clamped to
+    [-20, 20] before ``exp`` so one very unlikely token cannot overflow the loss.
+    """
+    if tuple(logprobs.shape) != tuple(ref_logprobs.shape):
+        raise ValueError(f"logprobs {tuple(logprobs.shape)} and ref_logprobs {tuple(ref_logprobs.shape)} must match")
+    d = ref_logprobs - logprobs
+    if estimator == "k1":
+        return -d
+    if estimator == "k2":
+        return 0.5 * d.square()
+    if estimator in ("k3", "low_var_kl"):
+        d = d.clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
+        return torch.exp(d) - d - 1.0
+    raise ValueError(f"estimator must be 'k1', 'k2', 'k3' or 'low_var_kl', got {estimator!r}")
+
+
+def aggregate_loss(
+    token_loss: torch.Tensor,
+    mask: torch.Tensor,
+    mode: Aggregation = "token-mean",
+    normalizer: float | None = None,
+) -> torch.Tensor:
+    """Reduce ``(N, T)`` token losses over the real tokens of ``mask`` to a scalar (see the module docstring).
+
+    ``normalizer`` is only used by ``seq-mean-token-sum`` (default: ``T``). Raises if the mask has no real token,
+    where every mode is undefined.
+    """
+    if tuple(token_loss.shape) != tuple(mask.shape) or token_loss.dim() != 2:
+        raise ValueError(f"token_loss and mask must both be (N, T); got {tuple(token_loss.shape)} and {tuple(mask.shape)}")
+    weights = mask.to(token_loss.dtype)
+    tokens_per_seq = weights.sum(dim=1)
+    if not bool((tokens_per_seq > 0).any()):
+        raise ValueError("the completion mask has no real token: the loss is undefined for an empty batch")
+    # where() rather than multiply: padded positions may hold inf or NaN (e.g. exp of a huge log-ratio)
+    masked = torch.where(weights > 0, token_loss * weights, torch.zeros_like(token_loss))
+    if mode == "token-mean":
+        return masked.sum() / weights.sum()
+    if mode == "seq-mean-token-mean":
+        has_tokens = tokens_per_seq > 0
+        per_seq = masked.sum(dim=1)[has_tokens] / tokens_per_seq[has_tokens]
+        return per_seq.mean()
+    if mode == "seq-mean-token-sum":
+        normalizer = float(token_loss.shape[1]) if normalizer is None else float(normalizer)
+        if not normalizer > 0:
+            raise ValueError(f"normalizer must be > 0, got {normalizer}")
+        return (masked.sum(dim=1) / normalizer).mean()
+    raise ValueError(f"mode must be 'token-mean', 'seq-mean-token-mean' or 'seq-mean-token-sum', got {mode!r}")
+
+
+@dataclass(frozen=True)
+class PolicyLossConfig:
+    """Every knob of the policy loss; :meth:`preset` gives the paper's GRPO and DAPO settings.
+
+    ``grpo``: symmetric clip 0.2, KL to the reference (k3, coefficient 0.01), per-sequence token mean.
+    ``dapo``: clip-higher 0.2 / 0.28, no KL, token mean over the batch. (DAPO's dynamic sampling is a property of
+    the rollout loop, not of the loss.)
+    """
+
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    kl_coef: float = 0.0
+    kl_estimator: KLEstimator = "k3"
+    aggregation: Aggregation = "token-mean"
+    normalizer: float | None = None
+
+    @classmethod
+    def preset(cls, name: Literal["grpo", "dapo"], **overrides) -> "PolicyLossConfig":
+        presets = {
+            "grpo": cls(eps_low=0.2, eps_high=0.2, kl_coef=0.01, kl_estimator="k3", aggregation="seq-mean-token-mean"),
+            "dapo": cls(eps_low=0.2, eps_high=0.28, kl_coef=0.0, aggregation="token-mean"),
+        }
+        if name not in presets:
+            raise ValueError(f"unknown loss preset {name!r}; choose one of {sorted(presets)}")
+        return replace(presets[name], **overrides)
+
+
+@dataclass(frozen=True)
+class PolicyLoss:
+    """The loss to back-propagate and detached diagnostics."""
+
+    loss: torch.Tensor  # scalar: policy-gradient term + kl_coef * KL term
+    policy_loss: torch.Tensor  # scalar: the surrogate term alone (detached)
+    kl: torch.Tensor  # scalar: the aggregated KL estimate (detached; 0 without a reference)
+    clip_fraction: torch.Tensor  # scalar: share of real tokens where the clipped branch was taken (detached)
+
+
+def policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    ref_logprobs: torch.Tensor | None = None,
+    config: PolicyLossConfig = PolicyLossConfig(),
+) -> PolicyLoss:
+    """Clipped surrogate plus ``kl_coef`` times the KL estimate, both aggregated with ``config.aggregation``."""
+    surrogate = clipped_surrogate(logprobs, old_logprobs, advantages, config.eps_low, config.eps_high)
+    token_loss = surrogate
+    kl_value = logprobs.new_zeros(())
+    if config.kl_coef > 0:
+        if ref_logprobs is None:
+            raise ValueError(f"kl_coef={config.kl_coef} needs ref_logprobs; pass them or set kl_coef=0")
+        kl = kl_penalty(logprobs, ref_logprobs, config.kl_estimator)
+        token_loss = surrogate + config.kl_coef * kl
+        kl_value = aggregate_loss(kl.detach(), mask, config.aggregation, config.normalizer)
+    loss = aggregate_loss(token_loss, mask, config.aggregation, config.normalizer)
+    with torch.no_grad():
+        ratio = torch.exp(logprobs - old_logprobs)
+        adv = _broadcast_advantages(advantages, logprobs)
+        clipped = ((ratio < 1 - config.eps_low) & (adv < 0)) | ((ratio > 1 + config.eps_high) & (adv > 0))
+        clip_fraction = aggregate_loss(clipped.to(logprobs.dtype), mask, "token-mean")
+        pg = aggregate_loss(surrogate.detach(), mask, config.aggregation, config.normalizer)
+    return PolicyLoss(loss=loss, policy_loss=pg, kl=kl_value, clip_fraction=clip_fraction)
