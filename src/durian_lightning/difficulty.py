@@ -57,7 +57,10 @@ def spectral_entropy(
     if features.dim() != 3:
         raise ValueError(f"features must be (B, P, d) or (P, d), got shape {tuple(features.shape)}")
     batch, patches, dim = features.shape
-    check_finite("features", features)
+    bad = ~torch.isfinite(features)
+    if bool(bad.any()):
+        b, p, k = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"features must be finite, but image {b}, patch {p}, dim {k} is {features[b, p, k].item()}")
     if mask is None:
         mask = torch.ones(batch, patches, dtype=torch.bool, device=features.device)
     else:

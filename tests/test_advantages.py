@@ -1,0 +1,266 @@
+"""Advantage estimators against numbers worked out by hand, their defining properties, and bad input."""
+
+import math
+
+import pytest
+import torch
+
+from durian_lightning.advantages import (
+    batch_std_advantages,
+    dr_grpo_advantages,
+    durian_advantages,
+    effective_alphas,
+    grpo_advantages,
+    group_std,
+)
+
+EPS = 1e-6
+
+# 3 prompts x 4 rollouts.
+#   P0: 1 1 1 0  mean 3/4  unbiased var (3*(1/4)^2 + (3/4)^2)/3 = 1/4   -> std 1/2
+#   P1: 1 0 0 0  mean 1/4  same spread                                  -> std 1/2
+#   P2: 1 1 0 0  mean 1/2  var 4*(1/2)^2/3 = 1/3                        -> std sqrt(1/3)
+REWARDS = torch.tensor([1.0, 1, 1, 0, 1, 0, 0, 0, 1, 1, 0, 0])
+PROMPT = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2])
+CENTRED = [1 / 4, 1 / 4, 1 / 4, -3 / 4, 3 / 4, -1 / 4, -1 / 4, -1 / 4, 1 / 2, 1 / 2, -1 / 2, -1 / 2]
+
+
+def expected(std_per_rollout):
+    return torch.tensor([c / (s + EPS) for c, s in zip(CENTRED, std_per_rollout)])
+
+
+def test_grpo_by_hand():
+    stds = [0.5] * 8 + [math.sqrt(1 / 3)] * 4
+    torch.testing.assert_close(grpo_advantages(REWARDS, PROMPT), expected(stds))
+    # without eps the values are the familiar ones
+    torch.testing.assert_close(grpo_advantages(REWARDS, PROMPT)[:4], torch.tensor([0.5, 0.5, 0.5, -1.5]), atol=1e-5, rtol=0)
+
+
+def test_dr_grpo_by_hand():
+    torch.testing.assert_close(dr_grpo_advantages(REWARDS, PROMPT), torch.tensor(CENTRED))
+
+
+def test_batch_std_by_hand():
+    # 6 ones, 6 zeros: mean 1/2, var = 12 * (1/2)^2 / 11 = 3/11
+    std = math.sqrt(3 / 11)
+    torch.testing.assert_close(batch_std_advantages(REWARDS, PROMPT), expected([std] * 12))
+
+
+def test_durian_by_hand():
+    # Entropy (1, 1, 3): q25 = 1, q75 = 2 -> P0, P1 in group 0 (H <= q25), P2 in group 2 (H >= q75).
+    #   group {P0, P1}: rewards 1 1 1 0 1 0 0 0, mean 1/2, var 8*(1/4)/7 = 2/7
+    #   group {P2}: its own std sqrt(1/3)
+    # Confidence (-5, -1, -3), b = 2: ranks P0 < P2 < P1 -> groups floor(r*2/3) = 0, 0, 1
+    #   group {P0, P2}: rewards 1 1 1 0 1 1 0 0, mean 5/8, var (5*(3/8)^2 + 3*(5/8)^2)/7 = 120/448
+    #   group {P1}: std 1/2
+    out = durian_advantages(
+        REWARDS,
+        PROMPT,
+        visual_entropy=torch.tensor([1.0, 1.0, 3.0]),
+        confidence=torch.tensor([-5.0, -1.0, -3.0]),
+        alphas=(0.1, 0.2, 0.7),
+        num_reasoning_groups=2,
+    )
+    s_grpo = [0.5] * 8 + [math.sqrt(1 / 3)] * 4
+    s_percep = [math.sqrt(2 / 7)] * 8 + [math.sqrt(1 / 3)] * 4
+    s_reason = [math.sqrt(120 / 448)] * 4 + [0.5] * 4 + [math.sqrt(120 / 448)] * 4
+    torch.testing.assert_close(out.grpo, expected(s_grpo))
+    torch.testing.assert_close(out.perceptual, expected(s_percep))
+    torch.testing.assert_close(out.reasoning, expected(s_reason))
+    torch.testing.assert_close(out.perceptual_std, torch.tensor(s_percep))
+    torch.testing.assert_close(out.reasoning_std, torch.tensor(s_reason))
+    combined = 0.1 * expected(s_grpo) + 0.2 * expected(s_percep) + 0.7 * expected(s_reason)
+    torch.testing.assert_close(out.advantages, combined)
+    # first rollout: 0.1*0.5 + 0.2*0.25/sqrt(2/7) + 0.7*0.25/sqrt(120/448), written out
+    assert out.advantages[0].item() == pytest.approx(0.05 + 0.0935414 + 0.3381321, abs=1e-6)
+    assert out.perceptual_group.tolist() == [0] * 8 + [2] * 4
+    assert out.reasoning_group.tolist() == [0] * 4 + [1] * 4 + [0] * 4
+    assert out.alphas == (0.1, 0.2, 0.7)
+
+
+def test_durian_with_one_group_per_prompt_equals_grpo():
+    entropy = torch.tensor([0.3, 2.0, 5.0])  # q25 = 1.15, q75 = 3.5: each prompt alone
+    confidence = torch.tensor([-1.0, -2.0, -3.0])
+    out = durian_advantages(REWARDS, PROMPT, visual_entropy=entropy, confidence=confidence, num_reasoning_groups=12)
+    grpo = grpo_advantages(REWARDS, PROMPT)
+    torch.testing.assert_close(out.perceptual, grpo)
+    torch.testing.assert_close(out.reasoning, grpo)
+    torch.testing.assert_close(out.advantages, grpo)
+
+
+def test_durian_with_one_group_for_the_batch_equals_batch_std():
+    torch.manual_seed(0)
+    rewards = torch.rand(40)
+    prompt = torch.arange(10).repeat_interleave(4)
+    batch = batch_std_advantages(rewards, prompt)
+    one_reasoning_group = durian_advantages(rewards, prompt, confidence=torch.randn(10), alphas=(0, 0, 1), num_reasoning_groups=1)
+    torch.testing.assert_close(one_reasoning_group.advantages, batch)
+    one_perceptual_group = durian_advantages(
+        rewards, prompt, visual_entropy=torch.rand(10) + 1, alphas=(0, 1, 0), entropy_thresholds=(0.0, 5.0)
+    )
+    assert one_perceptual_group.perceptual_group.unique().tolist() == [1]
+    torch.testing.assert_close(one_perceptual_group.advantages, batch)
+    # and by the formula: (r - prompt mean) / (one unbiased std over all rewards + eps)
+    centred = rewards - rewards.view(10, 4).mean(1).repeat_interleave(4)
+    torch.testing.assert_close(batch, centred / (rewards.std() + EPS))
+
+
+@pytest.mark.parametrize("name", ["grpo", "dr_grpo", "batch", "durian"])
+def test_adding_a_constant_to_all_rewards_changes_nothing(name):
+    torch.manual_seed(1)
+    rewards = torch.randint(0, 2, (48,)).double()
+    prompt = torch.arange(6).repeat_interleave(8)
+    kwargs = dict(visual_entropy=torch.rand(6), confidence=torch.randn(6), num_reasoning_groups=3)
+
+    def run(r):
+        if name == "durian":
+            return durian_advantages(r, prompt, **kwargs).advantages
+        return {"grpo": grpo_advantages, "dr_grpo": dr_grpo_advantages, "batch": batch_std_advantages}[name](r, prompt)
+
+    torch.testing.assert_close(run(rewards + 3.7), run(rewards))
+
+
+def test_seven_right_one_wrong_gets_a_smaller_advantage_in_a_mixed_group():
+    # P0 is the paper's 7:1 case; P1 (4:4) shares its reasoning group (b = 2, ranks 0 and 1), P2 (1:7) does not.
+    rewards = torch.tensor([1.0] * 7 + [0.0] + [1.0] * 4 + [0.0] * 4 + [1.0] + [0.0] * 7)
+    prompt = torch.arange(3).repeat_interleave(8)
+    grpo = grpo_advantages(rewards, prompt)
+    out = durian_advantages(rewards, prompt, confidence=torch.tensor([-9.0, -5.0, -1.0]), alphas=(0, 0, 1), num_reasoning_groups=2)
+    assert out.reasoning_group.view(3, 8)[:, 0].tolist() == [0, 0, 1]
+    # GRPO: the lone wrong answer gets (0 - 7/8) / sqrt(1/8) = -2.47; the shared std shrinks it
+    assert grpo[7].item() == pytest.approx(-0.875 / math.sqrt(1 / 8), abs=1e-4)
+    assert abs(out.advantages[7]) < abs(grpo[7])
+    # shared std over 11 ones and 5 zeros: var = (11*(5/16)^2 + 5*(11/16)^2)/15 = 880/3840
+    assert out.advantages[7].item() == pytest.approx(-0.875 / math.sqrt(880 / 3840), abs=1e-4)
+
+
+def _loop_reference(rewards, prompt, entropy, confidence, alphas, b, eps=EPS):
+    """A straightforward per-prompt implementation of the same definitions, to compare with the vectorized one."""
+    rewards, prompt = rewards.double().tolist(), prompt.tolist()
+    n_prompts = len(entropy)
+    by_prompt = {p: [r for r, q in zip(rewards, prompt) if q == p] for p in range(n_prompts)}
+
+    def std(values):
+        if len(values) < 2:
+            return 0.0
+        m = sum(values) / len(values)
+        return math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
+
+    q_lo, q_hi = torch.quantile(torch.tensor(entropy, dtype=torch.float64), torch.tensor([0.25, 0.75], dtype=torch.float64)).tolist()
+    percep = {p: 0 if entropy[p] <= q_lo else 2 if entropy[p] >= q_hi else 1 for p in range(n_prompts)}
+    order = sorted(range(n_prompts), key=lambda p: (confidence[p], p))
+    reason = {p: (rank if n_prompts <= b else rank * b // n_prompts) for rank, p in enumerate(order)}
+    out = []
+    for r, p in zip(rewards, prompt):
+        values = by_prompt[p]
+        centred = 0.0 if max(values) == min(values) else r - sum(values) / len(values)
+        pooled_p = [v for q in range(n_prompts) if percep[q] == percep[p] for v in by_prompt[q]]
+        pooled_r = [v for q in range(n_prompts) if reason[q] == reason[p] for v in by_prompt[q]]
+        out.append(
+            alphas[0] * centred / (std(values) + eps)
+            + alphas[1] * centred / (std(pooled_p) + eps)
+            + alphas[2] * centred / (std(pooled_r) + eps)
+        )
+    return torch.tensor(out)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_durian_matches_a_per_prompt_loop_with_uneven_group_sizes(seed):
+    gen = torch.Generator().manual_seed(seed)
+    n_prompts = int(torch.randint(2, 30, (1,), generator=gen))
+    sizes = torch.randint(1, 9, (n_prompts,), generator=gen)
+    prompt = torch.arange(n_prompts).repeat_interleave(sizes)
+    prompt = prompt[torch.randperm(prompt.numel(), generator=gen)]  # rollouts need not be contiguous
+    rewards = (torch.rand(prompt.numel(), generator=gen) < 0.5).double() * 0.9 + 0.1 * torch.randint(0, 2, (prompt.numel(),), generator=gen)
+    entropy = torch.rand(n_prompts, generator=gen).round(decimals=1)  # ties on purpose
+    confidence = torch.randn(n_prompts, generator=gen).round(decimals=0)
+    alphas = (0.2, 0.3, 0.5)
+    out = durian_advantages(rewards, prompt, visual_entropy=entropy, confidence=confidence, alphas=alphas, num_reasoning_groups=4)
+    ref = _loop_reference(rewards, prompt, entropy.tolist(), confidence.tolist(), alphas, 4)
+    torch.testing.assert_close(out.advantages, ref.to(out.advantages.dtype))
+
+
+def test_all_equal_rewards_give_exactly_zero():
+    rewards = torch.tensor([0.1, 0.1, 0.1, 1.0, 0.0, 1.0])
+    prompt = torch.tensor([0, 0, 0, 1, 1, 1])
+    for fn in (grpo_advantages, dr_grpo_advantages, batch_std_advantages):
+        assert fn(rewards, prompt)[:3].tolist() == [0.0, 0.0, 0.0]
+    out = durian_advantages(rewards, prompt, visual_entropy=torch.tensor([1.0, 2.0]), confidence=torch.tensor([0.0, 1.0]))
+    assert out.advantages[:3].tolist() == [0.0, 0.0, 0.0]
+    # a whole batch of constant prompts: every std is 0 and every advantage exactly 0
+    assert grpo_advantages(torch.ones(8), torch.arange(2).repeat_interleave(4)).abs().sum().item() == 0.0
+
+
+def test_a_prompt_with_one_rollout_gets_zero_and_its_std_is_zero():
+    rewards = torch.tensor([1.0, 1.0, 0.0, 0.7])
+    prompt = torch.tensor([0, 0, 0, 1])
+    assert grpo_advantages(rewards, prompt)[3].item() == 0.0
+    assert group_std(torch.tensor([5.0, 1.0, 3.0], dtype=torch.float64), torch.tensor([0, 1, 1]), 2).tolist() == pytest.approx([0.0, math.sqrt(2.0)])
+
+
+def test_empty_batch_gives_empty_results():
+    empty, index = torch.zeros(0), torch.zeros(0, dtype=torch.long)
+    assert grpo_advantages(empty, index).shape == (0,)
+    out = durian_advantages(empty, index, visual_entropy=torch.zeros(0), confidence=torch.zeros(0))
+    assert out.advantages.shape == (0,)
+
+
+def test_integer_rewards_give_float32_and_dtype_is_kept():
+    prompt = torch.tensor([0, 0, 1, 1])
+    assert grpo_advantages(torch.tensor([1, 0, 1, 1]), prompt).dtype == torch.float32
+    assert grpo_advantages(torch.tensor([1.0, 0, 1, 1], dtype=torch.float64), prompt).dtype == torch.float64
+
+
+def test_effective_alphas_drop_an_absent_term_and_rescale():
+    assert effective_alphas((0.1, 0.2, 0.7), True, True) == (0.1, 0.2, 0.7)
+    a = effective_alphas((0.1, 0.2, 0.7), True, False)
+    assert a == pytest.approx((1 / 3, 2 / 3, 0.0))
+    a = effective_alphas((0.6, 0.2, 0.2), False, True)
+    assert a == pytest.approx((0.75, 0.0, 0.25))
+
+
+def test_reasoning_only_ablation_by_passing_only_confidence():
+    confidence = torch.tensor([-5.0, -1.0, -3.0])
+    only = durian_advantages(REWARDS, PROMPT, confidence=confidence, num_reasoning_groups=2)
+    assert only.perceptual is None and only.perceptual_group is None
+    assert only.alphas == pytest.approx((0.125, 0.0, 0.875))
+    torch.testing.assert_close(only.advantages, 0.125 * only.grpo + 0.875 * only.reasoning)
+    zero_alpha = durian_advantages(REWARDS, PROMPT, visual_entropy=torch.ones(3), confidence=confidence, alphas=(0.125, 0, 0.875), num_reasoning_groups=2)
+    torch.testing.assert_close(zero_alpha.advantages, only.advantages)
+
+
+@pytest.mark.parametrize(
+    "rewards, prompt, kwargs, message",
+    [
+        (torch.tensor([1.0, float("nan")]), torch.tensor([0, 0]), {}, r"rewards\[1\] = nan"),
+        (torch.tensor([1.0, float("inf")]), torch.tensor([0, 0]), {}, r"rewards\[1\] = inf"),
+        (torch.tensor([1.0, 0.0, 1.0]), torch.tensor([0, 0]), {}, "prompt_index must have 3 entries"),
+        (torch.tensor([1.0, 0.0]), torch.tensor([0, -1]), {}, "must be >= 0"),
+        (torch.tensor([1.0, 0.0]), torch.tensor([0, 2]), {"num_prompts": 2}, "must be < num_prompts=2"),
+        (torch.tensor([1.0, 0.0]), torch.tensor([0, 2]), {}, r"prompts \[1\] have none"),
+        (torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]), {}, "must hold integers"),
+        (torch.ones(2, 2), torch.tensor([0, 0]), {}, "rewards must be 1-D"),
+        (torch.tensor([1.0, 0.0]), torch.tensor([0, 0]), {"eps": 0.0}, "eps must be > 0"),
+    ],
+)
+def test_bad_input_raises_a_clear_error(rewards, prompt, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        grpo_advantages(rewards, prompt, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"visual_entropy": torch.ones(2)}, "visual_entropy must have 3 entries"),
+        ({"confidence": torch.tensor([0.0, float("nan"), 1.0])}, r"confidence\[1\] = nan"),
+        ({"alphas": (0.5, -0.1, 0.6)}, "alphas must be >= 0"),
+        ({"alphas": (0.0, 0.0, 0.0)}, "must not all be 0"),
+        ({"alphas": (0.0, 1.0, 0.0)}, "put all weight on terms whose scores were not given"),
+        ({"alphas": (0.5, 0.5)}, r"alphas must be \(alpha_ori"),
+        ({"confidence": torch.ones(3), "num_reasoning_groups": 0}, "num_groups must be >= 1"),
+        ({"visual_entropy": torch.ones(3), "percentiles": (0.8, 0.2)}, "0 <= low <= high <= 1"),
+    ],
+)
+def test_durian_bad_input_raises_a_clear_error(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        durian_advantages(REWARDS, PROMPT, **kwargs)

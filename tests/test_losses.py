@@ -1,0 +1,133 @@
+"""Policy loss pieces against hand computations."""
+
+import math
+
+import pytest
+import torch
+
+from durian_lightning.losses import PolicyLossConfig, aggregate_loss, clipped_surrogate, kl_penalty, policy_loss
+
+# two sequences of different lengths: 3 real tokens and 1 real token, padded to T = 4
+MASK = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]])
+TOKEN_LOSS = torch.tensor([[1.0, 2.0, 6.0, 100.0], [4.0, 100.0, 100.0, 100.0]])
+
+
+def test_aggregation_modes_by_hand():
+    # token-mean: (1 + 2 + 6 + 4) / 4 real tokens
+    assert aggregate_loss(TOKEN_LOSS, MASK, "token-mean").item() == pytest.approx(13 / 4)
+    # seq-mean-token-mean: mean of (9 / 3, 4 / 1)
+    assert aggregate_loss(TOKEN_LOSS, MASK, "seq-mean-token-mean").item() == pytest.approx((3 + 4) / 2)
+    # seq-mean-token-sum with the default normalizer T = 4: mean of (9 / 4, 4 / 4)
+    assert aggregate_loss(TOKEN_LOSS, MASK, "seq-mean-token-sum").item() == pytest.approx((9 / 4 + 4 / 4) / 2)
+    assert aggregate_loss(TOKEN_LOSS, MASK, "seq-mean-token-sum", normalizer=10).item() == pytest.approx((0.9 + 0.4) / 2)
+
+
+def test_aggregation_ignores_non_finite_padding_and_empty_sequences():
+    loss = TOKEN_LOSS.clone()
+    loss[0, 3] = float("inf")
+    loss[1, 1] = float("nan")
+    assert aggregate_loss(loss, MASK, "token-mean").item() == pytest.approx(13 / 4)
+    with_empty = torch.cat([TOKEN_LOSS, torch.full((1, 4), 7.0)])
+    mask = torch.cat([MASK, torch.zeros(1, 4, dtype=MASK.dtype)])
+    # the empty sequence has no token mean and is left out of the sequence mean
+    assert aggregate_loss(with_empty, mask, "seq-mean-token-mean").item() == pytest.approx(3.5)
+
+
+@pytest.mark.parametrize(
+    "mode, expected",
+    [
+        # advantages (1, -2) on every token; loss = -A per token when the ratio is 1
+        ("token-mean", -(3 * 1 + 1 * -2) / 4),
+        ("seq-mean-token-mean", -(1 + -2) / 2),
+        ("seq-mean-token-sum", -(3 * 1 / 4 + -2 / 4) / 2),
+    ],
+)
+def test_ratio_one_without_kl_is_minus_the_aggregated_advantage(mode, expected):
+    logprobs = torch.randn(2, 4)
+    out = policy_loss(logprobs, logprobs.clone(), torch.tensor([1.0, -2.0]), MASK, config=PolicyLossConfig(aggregation=mode))
+    assert out.loss.item() == pytest.approx(expected)
+    assert out.policy_loss.item() == pytest.approx(expected)
+    assert out.clip_fraction.item() == 0.0
+
+
+@pytest.mark.parametrize(
+    "ratio, advantage, eps_high, gradient_flows",
+    [
+        (1.5, 1.0, 0.2, False),  # above 1 + eps with A > 0: clipped, no gradient
+        (1.1, 1.0, 0.2, True),  # inside the range
+        (0.5, -1.0, 0.2, False),  # below 1 - eps with A < 0: clipped, no gradient
+        (0.5, 1.0, 0.2, True),  # below the range but A > 0: the unclipped (smaller) term is used
+        (1.5, -1.0, 0.2, True),  # above the range but A < 0: the unclipped term is used
+        (1.25, 1.0, 0.28, True),  # DAPO's clip-higher lets this one through ...
+        (1.25, 1.0, 0.2, False),  # ... which symmetric PPO clips
+    ],
+)
+def test_clipping_stops_the_gradient_outside_the_clip_range(ratio, advantage, eps_high, gradient_flows):
+    old = torch.tensor([[-1.0]])
+    logprobs = (old + math.log(ratio)).requires_grad_()
+    loss = clipped_surrogate(logprobs, old, torch.tensor([advantage]), eps_low=0.2, eps_high=eps_high)
+    loss.sum().backward()
+    if gradient_flows:
+        # d/dlogp of -ratio * A = -ratio * A
+        assert logprobs.grad.item() == pytest.approx(-ratio * advantage)
+    else:
+        assert logprobs.grad.item() == 0.0
+        clipped_ratio = 1 + eps_high if ratio > 1 else 1 - 0.2
+        assert loss.item() == pytest.approx(-clipped_ratio * advantage)
+
+
+def test_kl_estimators_by_hand():
+    logprobs, ref = torch.tensor([[-1.0, -2.0]]), torch.tensor([[-2.0, -2.0]])
+    # d = ref - logp = (-1, 0)
+    torch.testing.assert_close(kl_penalty(logprobs, ref, "k1"), torch.tensor([[1.0, 0.0]]))
+    torch.testing.assert_close(kl_penalty(logprobs, ref, "k2"), torch.tensor([[0.5, 0.0]]))
+    k3 = torch.tensor([[math.exp(-1) + 1 - 1, 0.0]])
+    torch.testing.assert_close(kl_penalty(logprobs, ref, "k3"), k3)
+    torch.testing.assert_close(kl_penalty(logprobs, ref, "low_var_kl"), k3)
+    # k3 stays finite for a token the reference finds wildly more likely (d clamped at 20)
+    huge = kl_penalty(torch.tensor([[-100.0]]), torch.tensor([[0.0]]), "k3")
+    assert huge.item() == pytest.approx(math.exp(20) - 21)
+    with pytest.raises(ValueError, match="estimator"):
+        kl_penalty(logprobs, ref, "k4")
+
+
+def test_policy_loss_adds_the_kl_term_by_hand():
+    logprobs = torch.tensor([[-1.0, -1.0]])
+    ref = torch.tensor([[-2.0, -1.0]])
+    config = PolicyLossConfig(kl_coef=0.1, kl_estimator="k3", aggregation="token-mean")
+    out = policy_loss(logprobs, logprobs.clone(), torch.tensor([2.0]), torch.ones(1, 2), ref, config)
+    kl = (math.exp(-1) + 1 - 1 + 0.0) / 2
+    assert out.kl.item() == pytest.approx(kl)
+    assert out.loss.item() == pytest.approx(-2.0 + 0.1 * kl)
+
+
+def test_clip_fraction_by_hand():
+    old = torch.zeros(1, 4)
+    logprobs = torch.log(torch.tensor([[1.5, 1.0, 0.5, 1.1]]))
+    out = policy_loss(logprobs, old, torch.tensor([1.0]), torch.ones(1, 4), config=PolicyLossConfig())
+    assert out.clip_fraction.item() == pytest.approx(1 / 4)  # only the 1.5 token is clipped with A > 0
+
+
+def test_presets():
+    grpo = PolicyLossConfig.preset("grpo")
+    assert (grpo.eps_low, grpo.eps_high, grpo.kl_coef, grpo.kl_estimator, grpo.aggregation) == (
+        0.2, 0.2, 0.01, "k3", "seq-mean-token-mean")
+    dapo = PolicyLossConfig.preset("dapo", kl_coef=0.001)
+    assert (dapo.eps_low, dapo.eps_high, dapo.kl_coef, dapo.aggregation) == (0.2, 0.28, 0.001, "token-mean")
+    with pytest.raises(ValueError, match="unknown loss preset"):
+        PolicyLossConfig.preset("ppo")
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="no real token"):
+        aggregate_loss(torch.ones(2, 3), torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="mode must be"):
+        aggregate_loss(torch.ones(2, 3), torch.ones(2, 3), "sum")
+    with pytest.raises(ValueError, match="needs ref_logprobs"):
+        policy_loss(torch.zeros(1, 2), torch.zeros(1, 2), torch.ones(1), torch.ones(1, 2), config=PolicyLossConfig(kl_coef=0.1))
+    with pytest.raises(ValueError, match="advantages must be"):
+        clipped_surrogate(torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(3))
+    with pytest.raises(ValueError, match="clip range"):
+        clipped_surrogate(torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(2), eps_low=1.5)
+    with pytest.raises(ValueError, match="normalizer"):
+        aggregate_loss(torch.ones(1, 2), torch.ones(1, 2), "seq-mean-token-sum", normalizer=0)
