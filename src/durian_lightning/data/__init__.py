@@ -1,0 +1,32 @@
+"""The data package, usable on its own: ``from durian_lightning.data import MultimodalReasoningDataModule``."""
+
+from .datamodule import (
+    DEFAULT_INSTRUCTION,
+    DEFAULT_SYSTEM_PROMPT,
+    MultimodalReasoningDataModule,
+    ReasoningDataset,
+    Sample,
+    build_messages,
+    collate_reasoning_batch,
+)
+from .entropy_cache import EntropyCache
+from .images import ImageError, open_image, to_rgb
+from .sources import load_source
+from .visual_entropy import PixelEntropyScorer, SpectralEntropyScorer
+
+__all__ = [
+    "DEFAULT_INSTRUCTION",
+    "DEFAULT_SYSTEM_PROMPT",
+    "EntropyCache",
+    "ImageError",
+    "MultimodalReasoningDataModule",
+    "PixelEntropyScorer",
+    "ReasoningDataset",
+    "Sample",
+    "SpectralEntropyScorer",
+    "build_messages",
+    "collate_reasoning_batch",
+    "load_source",
+    "open_image",
+    "to_rgb",
+]

@@ -1,0 +1,374 @@
+"""The LightningDataModule: multimodal reasoning samples with their visual entropy precomputed and cached.
+
+Batches are processor-agnostic: the policy module tokenizes (it owns padding side and max length). Each batch is a
+dict of lists, one entry per sample: ``id``, ``images`` (RGB PIL images), ``problem``, ``answer``, ``messages`` (the
+chat, with the system prompt and the thinking instruction), ``prompt`` (the chat rendered through the processor's
+chat template, or None without a model), plus ``visual_entropy`` as a float tensor (mean over a sample's images).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ..difficulty import percentile_thresholds
+from .entropy_cache import EntropyCache
+from .images import ImageError, content_hash, image_bytes, open_image
+from .sources import RawSplit, check_columns, load_source
+from .visual_entropy import PixelEntropyScorer, SpectralEntropyScorer
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant that reasons about images."
+DEFAULT_INSTRUCTION = (
+    "Think step by step inside <think> </think> tags, then give the final answer in \\boxed{}."
+)
+IMAGE_PLACEHOLDER = "<image>"
+
+
+@dataclass
+class Sample:
+    id: str
+    split: str
+    row: int
+    images: list[Any]  # raw values: paths, bytes, dicts or PIL images
+    base_dir: Path | None
+    image_hashes: list[str]
+    problem: str
+    answer: str
+    extra: dict[str, Any] = field(default_factory=dict)
+    visual_entropy: float = math.nan
+
+
+def build_messages(problem: str, num_images: int, system_prompt: str | None, instruction: str | None) -> list[dict]:
+    """Chat messages for one sample. ``<image>`` placeholders in the problem place the images; without any, the
+    images come first. A placeholder count that differs from the number of images is an error."""
+    pieces = problem.split(IMAGE_PLACEHOLDER)
+    placeholders = len(pieces) - 1
+    content: list[dict] = []
+    if placeholders == 0:
+        content += [{"type": "image"}] * num_images
+        pieces = [problem]
+    elif placeholders != num_images:
+        raise ValueError(f"problem has {placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but the row has {num_images} image(s)")
+    for i, piece in enumerate(pieces):
+        if i > 0:
+            content.append({"type": "image"})
+        if piece.strip():
+            content.append({"type": "text", "text": piece})
+    if instruction:
+        content.append({"type": "text", "text": ("\n" if content and content[-1]["type"] == "text" else "") + instruction})
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    return messages + [{"role": "user", "content": content}]
+
+
+class ReasoningDataset(Dataset):
+    """Decodes a sample's images on access (never all in memory) and renders its prompt."""
+
+    def __init__(self, samples: list[Sample], system_prompt, instruction, max_image_side, chat_template=None):
+        self.samples = samples
+        self.system_prompt, self.instruction = system_prompt, instruction
+        self.max_image_side = max_image_side
+        self.chat_template = chat_template  # callable(messages) -> str, or None
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        s = self.samples[index]
+        images = []
+        for value in s.images:
+            raw, decoded, name = image_bytes(value, s.base_dir)
+            images.append(open_image(raw, decoded, name, self.max_image_side))
+        messages = build_messages(s.problem, len(images), self.system_prompt, self.instruction)
+        return {
+            "id": s.id,
+            "images": images,
+            "problem": s.problem,
+            "answer": s.answer,
+            "messages": messages,
+            "prompt": self.chat_template(messages) if self.chat_template else None,
+            "visual_entropy": s.visual_entropy,
+            **s.extra,
+        }
+
+
+def collate_reasoning_batch(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Lists per key; ``visual_entropy`` as a float32 tensor."""
+    batch = {key: [item[key] for item in items] for key in items[0]}
+    batch["visual_entropy"] = torch.tensor(batch["visual_entropy"], dtype=torch.float32)
+    return batch
+
+
+class MultimodalReasoningDataModule(L.LightningDataModule):
+    """Multimodal reasoning data (image(s), problem, answer) with cached per-image visual entropy.
+
+    Args:
+        source: a folder with train/val/test files (.jsonl/.json/.parquet), one file, a ``save_to_disk`` folder, a
+            ``{split: file}`` mapping, or a Hugging Face hub id.
+        model_name_or_path: the VLM whose vision encoder scores images (the same path as the LightningModule's).
+        columns: renames, e.g. ``{"images": "image", "problem": "question", "id": "pid"}``.
+        val_fraction / test_fraction: carve a split from train (with ``split_seed``) when the source has none.
+        system_prompt / instruction: the chat's system prompt and the thinking instruction added to each problem.
+        entropy_method: ``"spectral"`` (the paper's, needs the model) or ``"pixel"`` (model-free histogram entropy).
+        vision_layer / feature_source / image_processor_kwargs: which features, at which resolution (see
+            :class:`SpectralEntropyScorer`); all part of the cache key.
+        cache_dir: where entropies are cached; keyed by image content and scorer fingerprint.
+        bad_rows: ``"raise"`` stops at the first bad row; ``"skip"`` drops it, counts it and warns with its name.
+        max_image_side: images are shrunk so their longer side is at most this before any processing.
+    """
+
+    def __init__(
+        self,
+        source: str | dict[str, str] = "data/synthetic",
+        model_name_or_path: str | None = None,
+        columns: dict[str, str] | None = None,
+        val_fraction: float = 0.0,
+        test_fraction: float = 0.0,
+        split_seed: int = 0,
+        system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
+        instruction: str | None = DEFAULT_INSTRUCTION,
+        entropy_method: Literal["spectral", "pixel"] = "spectral",
+        vision_layer: int = -1,
+        feature_source: Literal["vision_tower", "projector"] = "vision_tower",
+        image_processor_kwargs: dict[str, Any] | None = None,
+        entropy_batch_size: int = 32,
+        cache_dir: str = ".cache/durian/entropy",
+        bad_rows: Literal["raise", "skip"] = "raise",
+        max_image_side: int = 2048,
+        batch_size: int = 8,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        shuffle_seed: int = 0,
+        progress: bool = True,
+    ):
+        super().__init__()
+        if entropy_method not in ("spectral", "pixel"):
+            raise ValueError(f"entropy_method must be 'spectral' or 'pixel', got {entropy_method!r}")
+        if entropy_method == "spectral" and not model_name_or_path:
+            raise ValueError("entropy_method='spectral' needs model_name_or_path (the VLM whose encoder scores images)")
+        if bad_rows not in ("raise", "skip"):
+            raise ValueError(f"bad_rows must be 'raise' or 'skip', got {bad_rows!r}")
+        for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {value}")
+        self.save_hyperparameters()
+        self.source, self.model_name_or_path = source, model_name_or_path
+        self.columns = dict(columns or {})
+        self.samples: dict[str, list[Sample]] = {}
+        self.skipped_rows: list[str] = []
+        self._scorer = None
+        self._processor = None
+
+    # ------------------------------------------------------------------------------------------ loading
+
+    def load_samples(self) -> dict[str, list[Sample]]:
+        """Read and check every row of every split; bad rows raise or are skipped (counted and named)."""
+        raw = load_source(self.source)
+        self.skipped_rows = []
+        samples = {split: self._read_split(split, data) for split, data in raw.items()}
+        samples = self._carve_splits(samples)
+        if self.skipped_rows:
+            shown = "; ".join(self.skipped_rows[:10]) + (" ..." if len(self.skipped_rows) > 10 else "")
+            message = f"skipped {len(self.skipped_rows)} bad row(s): {shown}"
+            warnings.warn(message, stacklevel=2)
+            log.warning(message)
+        return samples
+
+    def _read_split(self, split: str, data: RawSplit) -> list[Sample]:
+        check_columns(data, self.columns)
+        col = lambda field: self.columns.get(field, field)  # noqa: E731
+        id_column = self.columns.get("id")
+        used = {col("images"), col("problem"), col("answer"), id_column}
+        out = []
+        for row_number in range(len(data.rows)):
+            row = data.rows[row_number]
+            sample_id = str(row.get(id_column, f"{split}-{row_number}")) if id_column else f"{split}-{row_number}"
+            try:
+                out.append(self._read_row(split, row_number, row, sample_id, data, col, used))
+            except (ImageError, ValueError) as error:
+                message = f"{data.name}: row {row_number} (id {sample_id}): {error}"
+                if self.hparams.bad_rows == "raise":
+                    raise ValueError(message) from None
+                self.skipped_rows.append(message)
+        return out
+
+    def _read_row(self, split, row_number, row, sample_id, data: RawSplit, col, used) -> Sample:
+        answer = row.get(col("answer"))
+        if answer is None or not str(answer).strip():
+            raise ValueError(f"field {col('answer')!r} is empty or missing")
+        problem = row.get(col("problem"))
+        if not isinstance(problem, str) or not problem.strip():
+            raise ValueError(f"field {col('problem')!r} must be a non-empty string, got {problem!r}")
+        images = row.get(col("images"))
+        if images is None or (isinstance(images, (list, tuple)) and not images):
+            raise ValueError(f"field {col('images')!r} holds no image")
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        hashes = []
+        for position, value in enumerate(images):
+            try:
+                raw, decoded, name = image_bytes(value, data.base_dir)
+                open_image(raw, decoded, name, self.hparams.max_image_side)  # fails now, not mid-training
+            except ImageError as error:
+                raise ImageError(f"field {col('images')!r}[{position}]: {error}") from None
+            hashes.append(content_hash(raw, decoded))
+        build_messages(problem, len(images), None, None)  # placeholder count check
+        extra = {k: v for k, v in row.items() if k not in used and isinstance(v, (str, int, float, bool))}
+        return Sample(sample_id, split, row_number, list(images), data.base_dir, hashes, problem, str(answer).strip(), extra)
+
+    def _carve_splits(self, samples: dict[str, list[Sample]]) -> dict[str, list[Sample]]:
+        train = samples.get("train", [])
+        generator = torch.Generator().manual_seed(self.hparams.split_seed)
+        order = torch.randperm(len(train), generator=generator).tolist()
+        taken = 0
+        for split, fraction in (("validation", self.hparams.val_fraction), ("test", self.hparams.test_fraction)):
+            if fraction > 0 and split not in samples:
+                count = max(1, round(fraction * len(train)))
+                samples[split] = [train[i] for i in order[taken : taken + count]]
+                taken += count
+        if taken:
+            held_out = set(order[:taken])
+            samples["train"] = [s for i, s in enumerate(train) if i not in held_out]
+        return samples
+
+    # ------------------------------------------------------------------------------------------ entropy
+
+    def _device(self) -> torch.device:
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            return trainer.strategy.root_device
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def scorer(self):
+        """The visual-entropy scorer (built once; loads the VLM for the spectral method)."""
+        if self._scorer is None:
+            if self.hparams.entropy_method == "pixel":
+                self._scorer = PixelEntropyScorer()
+            else:
+                from transformers import AutoModelForImageTextToText
+
+                model = AutoModelForImageTextToText.from_pretrained(self.model_name_or_path, dtype=torch.float32)
+                self._scorer = SpectralEntropyScorer(
+                    model,
+                    self.processor(),
+                    vision_layer=self.hparams.vision_layer,
+                    feature_source=self.hparams.feature_source,
+                    image_processor_kwargs=self.hparams.image_processor_kwargs,
+                    device=self._device(),
+                )
+        return self._scorer
+
+    def processor(self):
+        if self._processor is None and self.model_name_or_path:
+            from transformers import AutoProcessor
+
+            self._processor = AutoProcessor.from_pretrained(self.model_name_or_path)
+        return self._processor
+
+    def compute_visual_entropy(self, samples: dict[str, list[Sample]]) -> None:
+        """Fill ``visual_entropy`` of every sample from the cache, computing (and caching) only what is missing."""
+        scorer = self.scorer()
+        cache = EntropyCache(self.hparams.cache_dir, scorer.fingerprint)
+        known = cache.load()
+        todo: dict[str, tuple[Sample, int]] = {}
+        for split_samples in samples.values():
+            for sample in split_samples:
+                for position, digest in enumerate(sample.image_hashes):
+                    if digest not in known:
+                        todo.setdefault(digest, (sample, position))
+        if todo:
+            self._score_missing(todo, scorer, cache, known)
+            cache.compact()
+        for split_samples in samples.values():
+            for sample in split_samples:
+                values = [known[d] for d in sample.image_hashes]
+                sample.visual_entropy = sum(values) / len(values)
+
+    def _score_missing(self, todo, scorer, cache: EntropyCache, known: dict[str, float]) -> None:
+        from tqdm.auto import tqdm
+
+        items = list(todo.items())
+        size = self.hparams.entropy_batch_size
+        bar = tqdm(total=len(items), desc="visual entropy", unit="img", disable=not self.hparams.progress)
+        for start in range(0, len(items), size):
+            chunk = items[start : start + size]
+            images = []
+            for _, (sample, position) in chunk:
+                raw, decoded, name = image_bytes(sample.images[position], sample.base_dir)
+                images.append(open_image(raw, decoded, name, self.hparams.max_image_side))
+            values = [float(v) for v in scorer(images)]
+            for (digest, (sample, _)), value in zip(chunk, values):
+                if not math.isfinite(value):
+                    raise ValueError(f"visual entropy of sample {sample.id} came out {value}; nothing was cached for it")
+            entries = {digest: value for (digest, _), value in zip(chunk, values)}
+            cache.add(entries)  # after each batch: a kill loses at most one batch of work
+            known.update(entries)
+            bar.update(len(chunk))
+        bar.close()
+
+    def entropy_thresholds(self, percentiles=(0.25, 0.75), split: str = "train") -> torch.Tensor:
+        """Dataset-level entropy percentiles (for perceptual groups that do not move with the batch)."""
+        values = [s.visual_entropy for s in self.samples.get(split, [])]
+        if not values:
+            raise ValueError(f"no {split} samples loaded; call setup() first")
+        return percentile_thresholds(torch.tensor(values, dtype=torch.float64), percentiles)
+
+    # ------------------------------------------------------------------------------------------ Lightning hooks
+
+    def prepare_data(self) -> None:
+        """On one process per node: read and check everything, precompute missing entropies into the cache."""
+        samples = self.load_samples()
+        self.compute_visual_entropy(samples)
+
+    def setup(self, stage: str | None = None) -> None:
+        """On every process: read the (now warm) cache; a cold entry is computed here too, with the same result."""
+        if self.samples:
+            return
+        samples = self.load_samples()
+        self.compute_visual_entropy(samples)
+        self.samples = samples
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and trainer.logger is not None and self.skipped_rows:
+            trainer.logger.log_metrics({"data/skipped_rows": float(len(self.skipped_rows))}, step=0)
+
+    def dataset(self, split: str) -> ReasoningDataset:
+        if split not in self.samples:
+            raise ValueError(f"split {split!r} not available; have {sorted(self.samples)} (set val_fraction / test_fraction?)")
+        processor = self.processor()
+        template = (
+            (lambda m: processor.apply_chat_template(m, add_generation_prompt=True, tokenize=False)) if processor else None
+        )
+        return ReasoningDataset(
+            self.samples[split], self.hparams.system_prompt, self.hparams.instruction, self.hparams.max_image_side, template
+        )
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        batch_size = self.hparams.batch_size if shuffle else (self.hparams.eval_batch_size or self.hparams.batch_size)
+        generator = torch.Generator().manual_seed(self.hparams.shuffle_seed) if shuffle else None
+        return DataLoader(
+            self.dataset(split),
+            batch_size=batch_size,
+            shuffle=shuffle,
+            generator=generator,
+            num_workers=self.hparams.num_workers,
+            collate_fn=collate_reasoning_batch,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("validation", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)

@@ -1,0 +1,134 @@
+"""A tiny LLaVA-style VLM built offline from transformers configs: random weights, a locally trained tokenizer.
+
+It exercises exactly the code paths of a real VLM (AutoModelForImageTextToText, AutoProcessor, chat template,
+vision tower, generate) in seconds on a CPU, with no download. Weights come from a fixed seed, so two builds are
+byte-identical and the visual-entropy cache keyed on them stays valid across runs.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<pad>"]
+
+# ChatML, with images rendered as <image> where the message content puts them.
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<image>{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+_CORPUS = [
+    "<think>I count the shapes one by one.</think> The answer is \\boxed{3}.",
+    "How many red circles are in the image? What color is the square? How many shapes are there in total?",
+    "Reason step by step inside <think> </think> and put the final answer in \\boxed{}.",
+    "0 1 2 3 4 5 6 7 8 9 10 red green blue yellow purple orange circle square triangle plus minus",
+    "You are a helpful assistant that reasons about images.",
+]
+
+
+def _train_tokenizer(vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(_CORPUS * 20, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<pad>")
+    fast.chat_template = TINY_CHAT_TEMPLATE
+    return fast
+
+
+def build_tiny_llava(
+    image_size: int = 64,
+    patch_size: int = 16,
+    vision_hidden: int = 32,
+    text_hidden: int = 64,
+    num_layers: int = 2,
+    vocab_size: int = 512,
+    seed: int = 0,
+):
+    """Build ``(model, processor)``: a SigLIP vision tower + Qwen2 language model joined LLaVA-style."""
+    from transformers import (
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        Qwen2Config,
+        SiglipImageProcessor,
+        SiglipVisionConfig,
+    )
+
+    tokenizer = _train_tokenizer(vocab_size)
+    vision = SiglipVisionConfig(
+        image_size=image_size,
+        patch_size=patch_size,
+        hidden_size=vision_hidden,
+        intermediate_size=2 * vision_hidden,
+        num_hidden_layers=num_layers,
+        num_attention_heads=2,
+    )
+    text = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=text_hidden,
+        intermediate_size=2 * text_hidden,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+    )
+    config.text_config.eos_token_id = tokenizer.eos_token_id
+    config.text_config.pad_token_id = tokenizer.pad_token_id
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlavaForConditionalGeneration(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    image_processor = SiglipImageProcessor(size={"height": image_size, "width": image_size})
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy="full",
+        num_additional_image_tokens=0,
+        chat_template=TINY_CHAT_TEMPLATE,
+    )
+    return model, processor
+
+
+def tiny_llava_path(root: str | os.PathLike, **kwargs) -> Path:
+    """Build the tiny VLM into ``root`` once (atomically) and return the folder, loadable by ``from_pretrained``."""
+    root = Path(root)
+    if (root / "config.json").exists() and (root / "processor_config.json").exists():
+        return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    model, processor = build_tiny_llava(**kwargs)
+    staging = Path(tempfile.mkdtemp(prefix=root.name + ".", dir=root.parent))
+    model.save_pretrained(staging)
+    processor.save_pretrained(staging)
+    try:
+        staging.rename(root)
+    except OSError:  # another process finished first; its build is identical
+        import shutil
+
+        shutil.rmtree(staging, ignore_errors=True)
+    return root
