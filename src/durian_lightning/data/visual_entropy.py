@@ -20,10 +20,11 @@ class PixelEntropyScorer:
 
     def __init__(self) -> None:
         self.fingerprint = hashlib.sha256(b"pixel-histogram-entropy/v1").hexdigest()
-        self.calls = 0
+        self.calls = self.images_scored = 0
 
     def __call__(self, images: Sequence[Image.Image]) -> list[float]:
         self.calls += 1
+        self.images_scored += len(images)
         return [pixel_entropy(image) for image in images]
 
 
@@ -39,8 +40,8 @@ def weights_fingerprint(module: torch.nn.Module) -> str:
 class SpectralEntropyScorer:
     """Spectral entropy (DESIGN.md section 1) of the patch features of a VLM's vision encoder.
 
-    ``feature_source="vision_tower"`` takes the hidden state of layer ``vision_layer`` of the vision tower (before any
-    projector / patch merger; -1 = last layer); ``"projector"`` takes the features after the multi-modal projector
+    ``feature_source="vision_tower"`` takes the vision tower's hidden state number ``vision_layer`` (before any
+    projector / patch merger; 0 = patch embeddings, -1 = output of the last layer); ``"projector"`` takes the features after the multi-modal projector
     (what the language model sees). ``image_processor_kwargs`` are passed to the image processor (e.g. ``size`` or
     ``max_pixels``), which sets the resolution. All of these, the encoder's config and a hash of its weights make up
     the fingerprint that keys the cache.
@@ -71,7 +72,7 @@ class SpectralEntropyScorer:
         self.feature_source = feature_source
         self.image_processor_kwargs = dict(image_processor_kwargs or {})
         self.device, self.dtype = torch.device(device), dtype
-        self.calls = 0
+        self.calls = self.images_scored = 0  # encoder batches and images, so tests can count cache misses
         encoder = self.vision_tower if feature_source == "vision_tower" else model
         identity = {
             "scorer": "spectral-entropy/v1",
@@ -102,4 +103,5 @@ class SpectralEntropyScorer:
 
     def __call__(self, images: Sequence[Image.Image]) -> list[float]:
         self.calls += 1
+        self.images_scored += len(images)
         return spectral_entropy(self.features(images).float()).tolist()
