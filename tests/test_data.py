@@ -144,10 +144,10 @@ def test_spectral_cache_hit_invalidation_and_encoder_change(tmp_path, tiny_vlm_p
     assert warm.scorer().calls == 0
     assert [s.visual_entropy for s in warm.samples["train"]] == [s.visual_entropy for s in cold.samples["train"]]
     # the values are the spectral entropy of the encoder's patch features
-    features = cold.scorer().features([Image.open(source / "0.png").convert("RGB")])
+    features, _ = cold.scorer().features([Image.open(source / "0.png").convert("RGB")])
     from durian_lightning.difficulty import spectral_entropy
 
-    assert warm.samples["train"][0].visual_entropy == pytest.approx(spectral_entropy(features).item())
+    assert warm.samples["train"][0].visual_entropy == pytest.approx(spectral_entropy(features[0]).item())
 
     png(source / "2.png", seed=99)  # new bytes for one image
     changed = datamodule(source, cache, entropy_method="spectral", model_name_or_path=tiny_vlm_path)
@@ -361,3 +361,39 @@ def test_synthetic_generator_is_deterministic_and_varied(tmp_path):
     assert {r["clutter"] for r in rows} == {0, 1, 2, 3}
     other = generate(tmp_path / "c", splits={"train": 40}, seed=4)
     assert (other / "train.jsonl").read_text() != (a / "train.jsonl").read_text()
+
+
+# ------------------------------------------------------------------------------------------------ encoders
+
+
+@pytest.mark.parametrize("feature_source, layer", [("vision_tower", -1), ("vision_tower", 0), ("vision_tower", 1), ("projector", -1)])
+@pytest.mark.parametrize("model_fixture", ["tiny_vlm_path", "tiny_qwen_path"])
+def test_spectral_scorer_batches_images_of_different_sizes_exactly(request, model_fixture, feature_source, layer):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from durian_lightning.data import SpectralEntropyScorer
+    from durian_lightning.difficulty import spectral_entropy
+
+    path = request.getfixturevalue(model_fixture)
+    scorer = SpectralEntropyScorer(
+        AutoModelForImageTextToText.from_pretrained(path), AutoProcessor.from_pretrained(path), layer, feature_source
+    )
+    rng = np.random.default_rng(0)
+    sizes = [(64, 64), (112, 56), (40, 90)]  # Qwen-VL gives each its own patch grid
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
+    features, mask = scorer.features(images)
+    if model_fixture == "tiny_qwen_path":
+        assert len(set(mask.sum(1).tolist())) > 1  # really different patch counts, padded and masked
+    batched = scorer(images)
+    alone = [scorer([image])[0] for image in images]
+    np.testing.assert_allclose(batched, alone, rtol=1e-5)
+    first = features[0, : int(mask[0].sum())]
+    assert batched[0] == pytest.approx(spectral_entropy(first.float()).item(), rel=1e-6)
+
+
+def test_qwen_style_model_through_the_datamodule(tmp_path, tiny_qwen_path):
+    dm = datamodule(small_folder(tmp_path / "d"), tmp_path / "c", entropy_method="spectral", model_name_or_path=tiny_qwen_path)
+    dm.setup()
+    batch = next(iter(dm.train_dataloader()))
+    assert "<|vision_start|><|image_pad|><|vision_end|>" in batch["prompt"][0]
+    assert torch.isfinite(batch["visual_entropy"]).all()

@@ -1,5 +1,19 @@
 """Loading VLMs and building tiny offline ones for tests and the default run."""
 
-from .tiny import TINY_CHAT_TEMPLATE, build_tiny_llava, tiny_llava_path
+from .tiny import (
+    QWEN_CHAT_TEMPLATE,
+    TINY_CHAT_TEMPLATE,
+    build_tiny_llava,
+    build_tiny_qwen2_5_vl,
+    tiny_llava_path,
+    tiny_vlm_path,
+)
 
-__all__ = ["TINY_CHAT_TEMPLATE", "build_tiny_llava", "tiny_llava_path"]
+__all__ = [
+    "QWEN_CHAT_TEMPLATE",
+    "TINY_CHAT_TEMPLATE",
+    "build_tiny_llava",
+    "build_tiny_qwen2_5_vl",
+    "tiny_llava_path",
+    "tiny_vlm_path",
+]

@@ -13,15 +13,25 @@ from pathlib import Path
 
 import torch
 
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<pad>"]
+SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<pad>",
+    "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>",
+]
 
-# ChatML, with images rendered as <image> where the message content puts them.
-TINY_CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
-    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
-    "{% if c['type'] == 'image' %}<image>{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}"
-    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+
+
+def _chat_template(image_markup: str) -> str:
+    """ChatML, with each image rendered as ``image_markup`` where the message content puts it."""
+    return (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+        "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+        "{% if c['type'] == 'image' %}" + image_markup + "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}"
+        "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+
+
+TINY_CHAT_TEMPLATE = _chat_template("<image>")
+QWEN_CHAT_TEMPLATE = _chat_template("<|vision_start|><|image_pad|><|vision_end|>")
 
 _CORPUS = [
     "<think>I count the shapes one by one.</think> The answer is \\boxed{3}.",
@@ -32,7 +42,7 @@ _CORPUS = [
 ]
 
 
-def _train_tokenizer(vocab_size: int):
+def _train_tokenizer(vocab_size: int, chat_template: str = TINY_CHAT_TEMPLATE):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -47,7 +57,7 @@ def _train_tokenizer(vocab_size: int):
     )
     tokenizer.train_from_iterator(_CORPUS * 20, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<pad>")
-    fast.chat_template = TINY_CHAT_TEMPLATE
+    fast.chat_template = chat_template
     return fast
 
 
@@ -115,13 +125,87 @@ def build_tiny_llava(
     return model, processor
 
 
-def tiny_llava_path(root: str | os.PathLike, **kwargs) -> Path:
-    """Build the tiny VLM into ``root`` once (atomically) and return the folder, loadable by ``from_pretrained``."""
+def build_tiny_qwen2_5_vl(
+    patch_size: int = 14,
+    vision_hidden: int = 32,
+    text_hidden: int = 64,
+    num_layers: int = 2,
+    vocab_size: int = 512,
+    max_pixels: int = 112 * 112,
+    seed: int = 0,
+):
+    """Build ``(model, processor)`` with the Qwen2.5-VL architecture (windowed ViT + patch merger, M-RoPE), tiny."""
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
+        Qwen2VLImageProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    tokenizer = _train_tokenizer(vocab_size, QWEN_CHAT_TEMPLATE)
+    head_dim = text_hidden // 4
+    quarter = head_dim // 2 // 4  # mrope_section must add up to head_dim / 2
+    config = Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=text_hidden,
+            intermediate_size=2 * text_hidden,
+            num_hidden_layers=num_layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=1024,
+            rope_scaling={"type": "mrope", "mrope_section": [head_dim // 2 - 2 * quarter, quarter, quarter]},
+            tie_word_embeddings=True,
+            bos_token_id=None,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        ),
+        vision_config=dict(
+            depth=num_layers,
+            hidden_size=vision_hidden,
+            intermediate_size=2 * vision_hidden,
+            num_heads=2,
+            out_hidden_size=text_hidden,
+            patch_size=patch_size,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            fullatt_block_indexes=[num_layers - 1],
+            window_size=4 * patch_size,
+        ),
+        image_token_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"),
+        video_token_id=tokenizer.convert_tokens_to_ids("<|video_pad|>"),
+        vision_start_token_id=tokenizer.convert_tokens_to_ids("<|vision_start|>"),
+        vision_end_token_id=tokenizer.convert_tokens_to_ids("<|vision_end|>"),
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen2_5_VLForConditionalGeneration(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    image_processor = Qwen2VLImageProcessor(patch_size=patch_size, min_pixels=(2 * patch_size) ** 2, max_pixels=max_pixels)
+    video_processor = Qwen2VLVideoProcessor(patch_size=patch_size)
+    processor = Qwen2_5_VLProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor, chat_template=QWEN_CHAT_TEMPLATE
+    )
+    return model, processor
+
+
+BUILDERS = {"llava": build_tiny_llava, "qwen2_5_vl": build_tiny_qwen2_5_vl}
+
+
+def tiny_vlm_path(root: str | os.PathLike, architecture: str = "llava", **kwargs) -> Path:
+    """Build a tiny VLM into ``root`` once (atomically) and return the folder, loadable by ``from_pretrained``."""
+    if architecture not in BUILDERS:
+        raise ValueError(f"unknown tiny architecture {architecture!r}; choose one of {sorted(BUILDERS)}")
     root = Path(root)
     if (root / "config.json").exists() and (root / "processor_config.json").exists():
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
-    model, processor = build_tiny_llava(**kwargs)
+    model, processor = BUILDERS[architecture](**kwargs)
     staging = Path(tempfile.mkdtemp(prefix=root.name + ".", dir=root.parent))
     model.save_pretrained(staging)
     processor.save_pretrained(staging)
@@ -132,3 +216,8 @@ def tiny_llava_path(root: str | os.PathLike, **kwargs) -> Path:
 
         shutil.rmtree(staging, ignore_errors=True)
     return root
+
+
+def tiny_llava_path(root: str | os.PathLike, **kwargs) -> Path:
+    """:func:`tiny_vlm_path` for the LLaVA-style architecture."""
+    return tiny_vlm_path(root, "llava", **kwargs)
