@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ._imaging import high_depth_to_uint8
 from ._validation import check_finite, check_prompt_index, check_vector
 
 EigenRoute = Literal["auto", "gram", "covariance", "svd"]
@@ -141,14 +142,8 @@ def _grayscale_uint8(image: Image.Image | np.ndarray | torch.Tensor) -> np.ndarr
             raise ValueError(f"pixel_entropy expects an array of shape (H, W) or (H, W, 1|3|4), got {image.shape}")
     if not isinstance(image, Image.Image):
         raise ValueError(f"pixel_entropy expects a PIL image, a uint8 array or a tensor, got {type(image).__name__}")
-    if image.mode.startswith("I;16"):
-        return (np.asarray(image).astype(np.uint16) >> 8).astype(np.uint8)
-    if image.mode in ("I", "F"):
-        values = np.asarray(image, dtype=np.float64)
-        low, high = (values.min(), values.max()) if values.size else (0.0, 0.0)
-        scaled = (values - low) * (255.0 / (high - low)) if high > low else np.zeros_like(values)
-        return np.rint(scaled).astype(np.uint8)
-    return np.asarray(image.convert("L"))
+    deep = high_depth_to_uint8(image)
+    return deep if deep is not None else np.asarray(image.convert("L"))
 
 
 def sequence_logprob(token_logprobs: torch.Tensor, mask: torch.Tensor, reduction: Reduction = "sum") -> torch.Tensor:

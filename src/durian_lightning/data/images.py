@@ -8,8 +8,9 @@ import os
 import warnings
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
+
+from .._imaging import high_depth_to_uint8
 
 class ImageError(ValueError):
     """An image that cannot be used: missing, corrupt, truncated, or of an unexpected type."""
@@ -57,13 +58,9 @@ def to_rgb(image: Image.Image) -> Image.Image:
     32-bit int / float images are rescaled from their own min..max."""
     if image.mode == "RGB":
         return image
-    if image.mode.startswith("I;16"):
-        return Image.fromarray((np.asarray(image).astype(np.uint16) >> 8).astype(np.uint8)).convert("RGB")
-    if image.mode in ("I", "F"):
-        values = np.asarray(image, dtype=np.float64)
-        low, high = values.min(), values.max()
-        scaled = (values - low) * (255.0 / (high - low)) if high > low else np.zeros_like(values)
-        return Image.fromarray(np.rint(scaled).astype(np.uint8)).convert("RGB")
+    deep = high_depth_to_uint8(image)
+    if deep is not None:
+        return Image.fromarray(deep).convert("RGB")
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA"):

@@ -61,6 +61,16 @@ def _train_tokenizer(vocab_size: int, chat_template: str = TINY_CHAT_TEMPLATE):
     return fast
 
 
+def _seeded_model(model_class, config, tokenizer, seed: int):
+    """Random weights from ``seed`` without touching the caller's RNG; generation stops at the tokenizer's EOS."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = model_class(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
 def build_tiny_llava(
     image_size: int = 64,
     patch_size: int = 16,
@@ -108,11 +118,7 @@ def build_tiny_llava(
     )
     config.text_config.eos_token_id = tokenizer.eos_token_id
     config.text_config.pad_token_id = tokenizer.pad_token_id
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlavaForConditionalGeneration(config)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model = _seeded_model(LlavaForConditionalGeneration, config, tokenizer, seed)
     image_processor = SiglipImageProcessor(size={"height": image_size, "width": image_size})
     processor = LlavaProcessor(
         image_processor=image_processor,
@@ -181,11 +187,7 @@ def build_tiny_qwen2_5_vl(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Qwen2_5_VLForConditionalGeneration(config)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model = _seeded_model(Qwen2_5_VLForConditionalGeneration, config, tokenizer, seed)
     image_processor = Qwen2VLImageProcessor(patch_size=patch_size, min_pixels=(2 * patch_size) ** 2, max_pixels=max_pixels)
     video_processor = Qwen2VLVideoProcessor(patch_size=patch_size)
     processor = Qwen2_5_VLProcessor(
