@@ -1,22 +1,53 @@
-"""Console entry point ``durian``.
+"""``durian fit|validate|test|predict`` through LightningCLI.
 
-The LightningCLI (``durian fit|validate|test|predict``) arrives with the training module; until then the command
-says so and exits with status 2 rather than pretending to train.
+With no arguments it runs the embedded offline default: the tiny LLaVA-style VLM built from config, the bundled
+synthetic data, Durian-GRPO (configs/default.yaml spells the same settings out). The datamodule's model path is
+linked to the module's, so the entropy encoder is always the policy's own.
 """
 
 from __future__ import annotations
 
-import sys
+import os
+from lightning.pytorch.cli import LightningCLI
+
+from .callbacks import CompletionSamplesCallback, DifficultyStatsCallback, ErrorVsDifficultyCallback
+from .data import MultimodalReasoningDataModule
+from .module import DurianGRPO
+
+TRAINER_DEFAULTS = {
+    "max_epochs": 1,
+    "accelerator": "auto",
+    "devices": 1,
+    "log_every_n_steps": 1,
+    "num_sanity_val_steps": 0,
+}
 
 
-def main(argv: list[str] | None = None) -> int:
-    print(
-        "durian: the training CLI (durian fit / validate) is not available yet in this version; "
-        "the math core is importable from durian_lightning.advantages, .difficulty, .losses and .rewards.",
-        file=sys.stderr,
+def default_callbacks() -> list:
+    return [DifficultyStatsCallback(), CompletionSamplesCallback(), ErrorVsDifficultyCallback()]
+
+
+class DurianCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("model.model_name_or_path", "data.model_name_or_path")
+
+
+def run_cli(args: list[str] | None = None) -> DurianCLI:
+    """Parse ``args`` (default: the command line) and run the subcommand; returns the CLI (trainer, model, data)."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return DurianCLI(
+        DurianGRPO,
+        MultimodalReasoningDataModule,
+        trainer_defaults={**TRAINER_DEFAULTS, "callbacks": default_callbacks()},
+        save_config_kwargs={"overwrite": True},
+        args=args,
     )
-    return 2
+
+
+def main() -> None:
+    """Console script ``durian``."""
+    run_cli()
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

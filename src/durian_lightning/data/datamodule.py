@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..difficulty import percentile_thresholds
+from ..models.loading import resolve_model_path
 from .entropy_cache import EntropyCache
 from .images import ImageError, content_hash, image_bytes, open_image
 from .sources import RawSplit, check_columns, load_source
@@ -115,7 +116,8 @@ class MultimodalReasoningDataModule(L.LightningDataModule):
     Args:
         source: a folder with train/val/test files (.jsonl/.json/.parquet), one file, a ``save_to_disk`` folder, a
             ``{split: file}`` mapping, or a Hugging Face hub id.
-        model_name_or_path: the VLM whose vision encoder scores images (the same path as the LightningModule's).
+        model_name_or_path: the VLM whose vision encoder scores images (the same path as the LightningModule's;
+            ``tiny:llava`` / ``tiny:qwen2_5_vl`` build a tiny offline one).
         columns: renames, e.g. ``{"images": "image", "problem": "question", "id": "pid"}``.
         val_fraction / test_fraction: carve a split from train (with ``split_seed``) when the source has none.
         system_prompt / instruction: the chat's system prompt and the thinking instruction added to each problem.
@@ -162,7 +164,8 @@ class MultimodalReasoningDataModule(L.LightningDataModule):
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {value}")
         self.save_hyperparameters()
-        self.source, self.model_name_or_path = source, model_name_or_path
+        self.source = source
+        self.model_name_or_path = resolve_model_path(model_name_or_path) if model_name_or_path else None
         self.columns = dict(columns or {})
         self.samples: dict[str, list[Sample]] = {}
         self.skipped_rows: list[str] = []

@@ -1,5 +1,6 @@
 """Loading VLMs and building tiny offline ones for tests and the default run."""
 
+from .loading import load_policy, resolve_model_path
 from .tiny import (
     QWEN_CHAT_TEMPLATE,
     TINY_CHAT_TEMPLATE,
@@ -10,6 +11,8 @@ from .tiny import (
 )
 
 __all__ = [
+    "load_policy",
+    "resolve_model_path",
     "QWEN_CHAT_TEMPLATE",
     "TINY_CHAT_TEMPLATE",
     "build_tiny_llava",

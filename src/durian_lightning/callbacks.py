@@ -1,0 +1,148 @@
+"""Callbacks that log what Durian does: difficulty-bucket statistics, completion samples, error vs. difficulty.
+
+They read ``pl_module.last_rollout`` (set by every update of :class:`~durian_lightning.module.DurianGRPO`) and
+``pl_module.eval_records`` (one entry per validation sample), so any module that fills those can use them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from .difficulty import perceptual_groups
+
+
+def rollout_statistics(last: dict[str, Any]) -> dict[str, float]:
+    """Per-step statistics of a rollout batch (the paper's Appendix A, plus per-group detail for Durian).
+
+    ``all_equal_ratio``: prompts whose G rewards are all equal; ``extreme_ratio``: prompts where exactly one rollout
+    differs from the other G-1 (the 1-vs-(G-1) cases GRPO blows up); max |A| under GRPO beside the estimator's.
+    """
+    g = last["num_generations"]
+    rewards = last["rewards"].view(-1, g)
+    high, low = rewards.amax(dim=1, keepdim=True), rewards.amin(dim=1, keepdim=True)
+    all_equal = (high == low).squeeze(1)
+    n_high, n_low = (rewards == high).sum(dim=1), (rewards == low).sum(dim=1)
+    extreme = ~all_equal & ((n_high == 1) | (n_low == 1)) & (n_high + n_low == g)
+    stats = {
+        "difficulty/all_equal_ratio": float(all_equal.float().mean()),
+        "difficulty/extreme_ratio": float(extreme.float().mean()),
+        "difficulty/max_abs_advantage": float(last["advantages"].abs().max()),
+        "difficulty/max_abs_advantage_grpo": float(last["grpo_advantages"].abs().max()),
+        "difficulty/mean_abs_advantage": float(last["advantages"].abs().mean()),
+    }
+    details = last.get("durian")
+    if details is None:
+        return stats
+    for axis, group_ids, stds in (("perceptual", details.perceptual_group, details.perceptual_std),
+                                  ("reasoning", details.reasoning_group, details.reasoning_std)):
+        if group_ids is None:
+            continue
+        prompt_groups = group_ids.view(-1, g)[:, 0]
+        for k in prompt_groups.unique().tolist():
+            rows = group_ids == k
+            prefix = f"difficulty/{axis}_{k}"
+            stats[f"{prefix}/prompts"] = float((prompt_groups == k).sum())
+            stats[f"{prefix}/reward_mean"] = float(last["rewards"][rows].mean())
+            stats[f"{prefix}/shared_std"] = float(stds[rows][0])
+            stats[f"{prefix}/mean_abs_advantage"] = float(last["advantages"][rows].abs().mean())
+    return stats
+
+
+class DifficultyStatsCallback(L.Callback):
+    """Logs :func:`rollout_statistics` after every update."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        last = getattr(pl_module, "last_rollout", None)
+        if last is None:
+            return
+        pl_module.log_dict(rollout_statistics(last), on_step=True, on_epoch=False)
+        pl_module.last_rollout = None  # each update is logged once, also when dynamic sampling skips steps
+
+
+class CompletionSamplesCallback(L.Callback):
+    """Every ``every_n_steps`` updates, appends ``num_samples`` completions with their rewards to a JSONL file."""
+
+    def __init__(self, every_n_steps: int = 10, num_samples: int = 4, filename: str = "completions.jsonl"):
+        self.every_n_steps, self.num_samples, self.filename = every_n_steps, num_samples, filename
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        last = getattr(pl_module, "last_rollout", None)
+        if last is None or not trainer.is_global_zero or trainer.global_step % self.every_n_steps:
+            return
+        path = Path(trainer.log_dir or trainer.default_root_dir) / self.filename
+        path.parent.mkdir(parents=True, exist_ok=True)
+        g = last["num_generations"]
+        with open(path, "a") as f:
+            for row in range(min(self.num_samples, len(last["completions"]))):
+                f.write(json.dumps({
+                    "step": trainer.global_step,
+                    "id": last["ids"][row // g],
+                    "completion": last["completions"][row],
+                    "reward": float(last["rewards"][row]),
+                    "advantage": float(last["advantages"][row]),
+                }) + "\n")
+
+
+def error_by_difficulty(records: list[dict[str, Any]], thresholds: torch.Tensor | None = None) -> dict[str, float]:
+    """Error rate per perceptual (entropy) group and per confidence decile (the paper's Tables 5-6)."""
+    if not records:
+        return {}
+    correct = torch.tensor([r["correct"] for r in records], dtype=torch.float64)
+    entropy = torch.tensor([r["visual_entropy"] for r in records], dtype=torch.float64)
+    confidence = torch.tensor([r["confidence"] for r in records], dtype=torch.float64)
+    out = {}
+    groups = perceptual_groups(entropy, thresholds=thresholds)
+    for k in range(3):
+        chosen = groups == k
+        if bool(chosen.any()):
+            out[f"error/entropy_group_{k}"] = float(1 - correct[chosen].mean())
+    order = torch.sort(confidence, stable=True).indices
+    deciles = torch.empty_like(order)
+    deciles[order] = torch.arange(len(order)) * 10 // len(order)
+    for d in range(10):
+        chosen = deciles == d
+        if bool(chosen.any()):
+            out[f"error/confidence_decile_{d}"] = float(1 - correct[chosen].mean())
+    return out
+
+
+def draw_bar_chart(values: dict[str, float], path: Path, title: str) -> None:
+    """A plain PNG bar chart (PIL only, so no plotting dependency)."""
+    from PIL import Image, ImageDraw
+
+    width, height, margin = 80 + 60 * len(values), 260, 30
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((10, 8), title, fill="black")
+    for i, (name, value) in enumerate(values.items()):
+        x = 50 + 60 * i
+        top = height - margin - int((height - 2 * margin - 20) * max(0.0, min(1.0, value)))
+        draw.rectangle([x, top, x + 40, height - margin], fill=(70, 110, 200))
+        draw.text((x, height - margin + 4), name.rsplit("_", 1)[-1], fill="black")
+        draw.text((x, top - 12), f"{value:.2f}", fill="black")
+    image.save(path)
+
+
+class ErrorVsDifficultyCallback(L.Callback):
+    """At the end of validation: logs error per entropy group and confidence decile and writes a PNG chart."""
+
+    def __init__(self, filename: str = "error_vs_difficulty.png"):
+        self.filename = filename
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        records = getattr(pl_module, "eval_records", [])
+        datamodule = getattr(trainer, "datamodule", None)
+        thresholds = datamodule.entropy_thresholds() if datamodule is not None and hasattr(datamodule, "entropy_thresholds") else None
+        stats = error_by_difficulty(records, thresholds)
+        if not stats:
+            return
+        pl_module.log_dict(stats)
+        if trainer.is_global_zero:
+            folder = Path(trainer.log_dir or trainer.default_root_dir)
+            folder.mkdir(parents=True, exist_ok=True)
+            draw_bar_chart(stats, folder / self.filename, f"error rate vs difficulty (step {trainer.global_step})")

@@ -1,0 +1,55 @@
+"""Loading a VLM and its processor (any AutoModelForImageTextToText), optionally LoRA-adapted with peft."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+TINY_PREFIX = "tiny:"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_model_path(name_or_path: str, cache_root: str | os.PathLike | None = None) -> str:
+    """``tiny:llava`` / ``tiny:qwen2_5_vl`` build (once) a tiny offline VLM and return its folder; other names pass."""
+    if not name_or_path.startswith(TINY_PREFIX):
+        return name_or_path
+    from .tiny import tiny_vlm_path
+
+    architecture = name_or_path[len(TINY_PREFIX) :]
+    root = Path(cache_root or os.environ.get("DURIAN_CACHE", ".cache/durian")) / "models" / f"tiny-{architecture}"
+    return str(tiny_vlm_path(root, architecture))
+
+
+def load_policy(
+    name_or_path: str,
+    dtype: str = "float32",
+    use_lora: bool = True,
+    lora_r: int = 16,
+    lora_alpha: int = 32,
+    lora_dropout: float = 0.0,
+    lora_target_modules: str = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)",
+    gradient_checkpointing: bool = False,
+):
+    """``(model, processor)``; with LoRA only the adapter trains and ``model.disable_adapter()`` is the reference."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    path = resolve_model_path(name_or_path)
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=DTYPES[dtype])
+    processor = AutoProcessor.from_pretrained(path)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if use_lora:
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=lora_target_modules)
+        model = get_peft_model(model, config)
+        if not any(p.requires_grad for p in model.parameters()):
+            raise ValueError(f"lora_target_modules={lora_target_modules!r} matched no module of {path}")
+        if gradient_checkpointing:
+            model.enable_input_require_grads()
+    return model, processor

@@ -1,0 +1,438 @@
+"""The LightningModule: ``training_step`` = rollout -> reward -> confidence -> difficulty groups -> advantages -> loss.
+
+The math lives in :mod:`difficulty`, :mod:`advantages`, :mod:`losses` and :mod:`rewards`; this module only
+orchestrates. Optimization is manual so that one rollout batch feeds several optimizer steps:
+
+    rollout batch (prompts from the dataloader, G rollouts each)
+      -> ``ppo_epochs`` passes over mini-batches of ``mini_batch_size`` prompts (one optimizer step each)
+        -> micro-batches of ``micro_batch_size`` rollouts (gradient accumulation, memory only)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import lightning as L
+import torch
+import torchmetrics
+
+from .advantages import batch_std_advantages, dr_grpo_advantages, durian_advantages, grpo_advantages
+from .difficulty import perceptual_groups, sequence_logprob
+from .losses import PolicyLossConfig, aggregate_loss, clipped_surrogate, kl_penalty
+from .models.loading import load_policy
+from .rewards import WeightedReward, load_reward_function
+from .rollout import SamplingConfig, completion_logprobs, generate_rollouts
+
+Estimator = Literal["grpo", "dr_grpo", "batch", "durian"]
+
+
+class DurianGRPO(L.LightningModule):
+    """GRPO / DAPO with Durian's difficulty-aware advantages on a LoRA-adapted VLM.
+
+    Args:
+        model_name_or_path: a VLM path or hub id, or ``tiny:llava`` / ``tiny:qwen2_5_vl`` (built offline).
+        dtype: ``float32`` (CPU) or ``bfloat16`` (GPU).
+        use_lora / lora_r / lora_alpha / lora_dropout / lora_target_modules: LoRA via peft (a regex; the default
+            adapts the language model's attention only). ``use_lora=False`` fine-tunes everything.
+        gradient_checkpointing: trade compute for activation memory.
+        num_generations: G rollouts per prompt (>= 2).
+        max_new_tokens / temperature / top_p / top_k: sampling for rollouts.
+        max_prompt_length: prompts longer than this (in tokens, images included) are an error.
+        reward_functions / reward_weights: import paths ``pkg.mod:fn`` and weights; default 0.1 format + 0.9 accuracy.
+        estimator: ``grpo``, ``dr_grpo``, ``batch`` or ``durian``.
+        alphas / num_reasoning_groups / percentiles / confidence_reduction: Durian's knobs (DESIGN.md section 1).
+        entropy_thresholds: ``batch`` (paper) or ``dataset`` (the datamodule's train percentiles).
+        loss_preset: ``grpo`` or ``dapo``; ``eps_low``, ``eps_high``, ``kl_coef``, ``kl_estimator``, ``aggregation``
+            override single knobs of the preset.
+        dynamic_sampling: DAPO's filter: drop prompts whose G rewards are equal, and wait for the next rollout
+            batches until ``rollout_batch_size`` informative prompts are collected.
+        rollout_batch_size: prompts per update (defaults to the dataloader's batch size).
+        mini_batch_size: prompts per optimizer step; must divide the rollout batch.
+        micro_batch_size: rollouts per forward/backward.
+        ppo_epochs: passes over the rollout batch.
+        learning_rate / weight_decay / warmup_steps / max_grad_norm: the optimizer (AdamW, linear warm-up).
+        eval_max_new_tokens / eval_do_sample: generation for validation and test (greedy by default).
+        adapter_dir: where the LoRA adapter is saved at the end of fit (default: the run's log dir / "adapter").
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str = "tiny:llava",
+        dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+        use_lora: bool = True,
+        lora_r: int = 16,
+        lora_alpha: int = 32,
+        lora_dropout: float = 0.0,
+        lora_target_modules: str = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)",
+        gradient_checkpointing: bool = False,
+        num_generations: int = 8,
+        max_new_tokens: int = 64,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        max_prompt_length: int = 2048,
+        reward_functions: list[str] | None = None,
+        reward_weights: list[float] | None = None,
+        estimator: Estimator = "durian",
+        alphas: tuple[float, float, float] = (0.1, 0.2, 0.7),
+        num_reasoning_groups: int = 12,
+        percentiles: tuple[float, float] = (0.25, 0.75),
+        confidence_reduction: Literal["sum", "mean"] = "sum",
+        entropy_thresholds: Literal["batch", "dataset"] = "batch",
+        advantage_eps: float = 1e-6,
+        loss_preset: Literal["grpo", "dapo"] = "grpo",
+        eps_low: float | None = None,
+        eps_high: float | None = None,
+        kl_coef: float | None = None,
+        kl_estimator: Literal["k1", "k2", "k3", "low_var_kl"] | None = None,
+        aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] | None = None,
+        dynamic_sampling: bool = False,
+        rollout_batch_size: int | None = None,
+        mini_batch_size: int | None = None,
+        micro_batch_size: int = 16,
+        ppo_epochs: int = 1,
+        learning_rate: float = 1e-5,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        max_grad_norm: float = 1.0,
+        eval_max_new_tokens: int | None = None,
+        eval_do_sample: bool = False,
+        adapter_dir: str | None = None,
+    ):
+        super().__init__()
+        if num_generations < 2:
+            raise ValueError(f"num_generations must be >= 2 (advantages compare rollouts of a prompt), got {num_generations}")
+        if rollout_batch_size is not None and mini_batch_size is not None and rollout_batch_size % mini_batch_size:
+            raise ValueError(f"mini_batch_size={mini_batch_size} must divide rollout_batch_size={rollout_batch_size}")
+        for name, value in (("micro_batch_size", micro_batch_size), ("ppo_epochs", ppo_epochs), ("max_new_tokens", max_new_tokens)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if estimator not in ("grpo", "dr_grpo", "batch", "durian"):
+            raise ValueError(f"estimator must be 'grpo', 'dr_grpo', 'batch' or 'durian', got {estimator!r}")
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        overrides = {k: v for k, v in dict(eps_low=eps_low, eps_high=eps_high, kl_coef=kl_coef, kl_estimator=kl_estimator, aggregation=aggregation).items() if v is not None}
+        self.loss_config = PolicyLossConfig.preset(loss_preset, **overrides)
+        self.sampling = SamplingConfig(max_new_tokens, temperature, top_p, top_k, do_sample=True)
+        self.eval_sampling = SamplingConfig(eval_max_new_tokens or max_new_tokens, temperature, top_p, top_k, do_sample=eval_do_sample)
+        if reward_functions:
+            weights = reward_weights or [1.0] * len(reward_functions)
+            if len(weights) != len(reward_functions):
+                raise ValueError(f"{len(reward_functions)} reward_functions but {len(weights)} reward_weights")
+            self.reward = WeightedReward([(fn, load_reward_function(fn), w) for fn, w in zip(reward_functions, weights)])
+        else:
+            self.reward = WeightedReward.paper_default()
+        self.model = None
+        self.processor = None
+        self._pending: list[dict[str, Any]] = []  # dynamic sampling: informative prompts waiting for a full batch
+        self.last_rollout: dict[str, Any] | None = None  # what the last update saw, for callbacks
+        # accuracy overall and per perceptual group (0 simple .. 2 complex images), for validation and test
+        self.eval_metrics = torch.nn.ModuleDict({
+            f"{stage}_{name}": torchmetrics.MeanMetric()
+            for stage in ("val", "test") for name in ("accuracy", "reward", "accuracy_perceptual_0", "accuracy_perceptual_1", "accuracy_perceptual_2")
+        })
+        self.eval_records: list[dict[str, Any]] = []  # per-sample validation results, for the error-vs-difficulty callback
+
+    # ------------------------------------------------------------------------------------------ model
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        hp = self.hparams
+        self.model, self.processor = load_policy(
+            hp.model_name_or_path, hp.dtype, hp.use_lora, hp.lora_r, hp.lora_alpha, hp.lora_dropout,
+            hp.lora_target_modules, hp.gradient_checkpointing,
+        )
+
+    def configure_optimizers(self):
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)
+        warmup = self.hparams.warmup_steps
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def reference_context(self):
+        """The reference policy: the base model with the LoRA adapter switched off."""
+        if not self.hparams.use_lora:
+            raise ValueError("a KL penalty without LoRA needs a frozen reference copy; set kl_coef=0 or use_lora=True")
+        return self.model.disable_adapter()
+
+    # ------------------------------------------------------------------------------------------ training
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        hp = self.hparams
+        rollout_batch_size = hp.rollout_batch_size or len(batch["prompt"])
+        mini_batch_size = hp.mini_batch_size or rollout_batch_size
+        if rollout_batch_size % mini_batch_size:
+            raise ValueError(f"mini_batch_size={mini_batch_size} must divide the rollout batch of {rollout_batch_size} prompts")
+        group = self._rollout_and_score(batch)
+        if hp.dynamic_sampling:
+            group = self._dynamic_sampling(group, rollout_batch_size)
+            if group is None:
+                return None
+        update = self._advantages(group)
+        self._optimize(update, mini_batch_size)
+        return None
+
+    def _rollout_and_score(self, batch: dict[str, Any]) -> dict[str, Any]:
+        hp = self.hparams
+        rollout = generate_rollouts(
+            self.model, self.processor, batch["prompt"], batch["images"], hp.num_generations, self.sampling,
+            hp.max_prompt_length, batch["id"],
+        )
+        g = hp.num_generations
+        answers = [a for a in batch["answer"] for _ in range(g)]
+        extra = {k: [v for v in values for _ in range(g)] for k, values in batch.items()
+                 if k not in ("images", "prompt", "answer", "messages", "visual_entropy", "id", "problem")}
+        scores = self.reward(rollout.completions, answers, problem=[p for p in batch["problem"] for _ in range(g)], **extra)
+        rows = torch.arange(len(rollout))
+        with torch.no_grad():
+            old = torch.cat([completion_logprobs(self.model, self.processor, rollout, chunk, hp.temperature)
+                             for chunk in rows.split(hp.micro_batch_size)])
+            ref = None
+            if self.loss_config.kl_coef > 0:
+                with self.reference_context():
+                    ref = torch.cat([completion_logprobs(self.model, self.processor, rollout, chunk, hp.temperature)
+                                     for chunk in rows.split(hp.micro_batch_size)])
+        mask = rollout.completion_mask.to(old.device)
+        return {
+            "rollout": rollout,
+            "rewards": scores.total.to(old.device),
+            "reward_components": {k: v.to(old.device) for k, v in scores.components.items()},
+            "old_logprobs": old,
+            "ref_logprobs": ref,
+            "sequence_logprob": sequence_logprob(old, mask, hp.confidence_reduction),
+            "visual_entropy": batch["visual_entropy"].to(old.device),
+            "ids": list(batch["id"]),
+        }
+
+    def _dynamic_sampling(self, group: dict[str, Any], rollout_batch_size: int) -> dict[str, Any] | None:
+        """Keep the prompts whose rewards differ; update only once ``rollout_batch_size`` of them are collected."""
+        g = self.hparams.num_generations
+        rewards = group["rewards"].view(-1, g)
+        informative = (rewards.amax(dim=1) != rewards.amin(dim=1)).nonzero().flatten().tolist()
+        self.log("train/dynamic_sampling_kept", len(informative) / rewards.shape[0])
+        for p in informative:
+            self._pending.append(_select_prompt(group, p, g))
+        if len(self._pending) < rollout_batch_size:
+            return None
+        taken, self._pending = self._pending[:rollout_batch_size], self._pending[rollout_batch_size:]
+        return _concat_prompts(taken, g)
+
+    def _advantages(self, group: dict[str, Any]) -> dict[str, Any]:
+        """Advantages over the GLOBAL batch: gather every rank's rewards and scores, compute, keep this rank's rows."""
+        hp = self.hparams
+        g = hp.num_generations
+        rewards = group["rewards"]
+        confidence = group["sequence_logprob"].view(-1, g).mean(dim=1)
+        entropy = group["visual_entropy"].to(rewards.dtype)
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if world > 1:
+            rewards, confidence, entropy = (self.all_gather(t).reshape(-1) for t in (rewards, confidence, entropy))
+        num_prompts = entropy.numel()
+        prompt_index = torch.arange(num_prompts, device=rewards.device).repeat_interleave(g)
+        details = None
+        if hp.estimator == "durian":
+            thresholds = None
+            if hp.entropy_thresholds == "dataset":
+                thresholds = self.trainer.datamodule.entropy_thresholds(hp.percentiles)
+            details = durian_advantages(
+                rewards, prompt_index, visual_entropy=entropy, confidence=confidence, alphas=hp.alphas,
+                num_reasoning_groups=hp.num_reasoning_groups, percentiles=hp.percentiles,
+                entropy_thresholds=thresholds, eps=hp.advantage_eps,
+            )
+            advantages = details.advantages
+        else:
+            fn = {"grpo": grpo_advantages, "dr_grpo": dr_grpo_advantages, "batch": batch_std_advantages}[hp.estimator]
+            advantages = fn(rewards, prompt_index, eps=hp.advantage_eps)
+        local = slice(self.global_rank * len(group["rewards"]), (self.global_rank + 1) * len(group["rewards"])) if world > 1 else slice(None)
+        self.last_rollout = {
+            "rewards": rewards.detach(),
+            "prompt_index": prompt_index,
+            "num_generations": g,
+            "advantages": advantages.detach(),
+            "grpo_advantages": grpo_advantages(rewards, prompt_index, eps=hp.advantage_eps),
+            "durian": details,
+            "visual_entropy": entropy,
+            "confidence": confidence,
+            "completions": group["rollout"].completions,
+            "reward_components": group["reward_components"],
+            "ids": group["ids"],
+        }
+        return {**group, "advantages": advantages[local].to(group["old_logprobs"].dtype)}
+
+    def _optimize(self, update: dict[str, Any], mini_batch_size: int) -> None:
+        hp = self.hparams
+        optimizer = self.optimizers()
+        scheduler = self.lr_schedulers()
+        g = hp.num_generations
+        rollout = update["rollout"]
+        mask = rollout.completion_mask.to(update["old_logprobs"].device)
+        num_prompts = len(rollout) // g
+        stats = {"loss": [], "kl": [], "clip_fraction": []}
+        for _ in range(hp.ppo_epochs):
+            for first in range(0, num_prompts, mini_batch_size):
+                rows = torch.arange(first * g, min(num_prompts, first + mini_batch_size) * g)
+                optimizer.zero_grad()
+                denominator = _aggregation_denominator(mask[rows], self.loss_config)
+                total = 0.0
+                for chunk in rows.split(hp.micro_batch_size):
+                    logprobs = completion_logprobs(self.model, self.processor, rollout, chunk, hp.temperature)
+                    loss, kl, clipped = self._micro_loss(logprobs, update, chunk, mask[chunk], denominator)
+                    self.manual_backward(loss)
+                    total += float(loss.detach())
+                    stats["kl"].append(kl)
+                    stats["clip_fraction"].append(clipped)
+                self.clip_gradients(optimizer, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
+                optimizer.step()
+                scheduler.step()
+                stats["loss"].append(total)
+        rewards = update["rewards"]
+        self.log_dict({
+            "train/loss": sum(stats["loss"]) / len(stats["loss"]),
+            "train/reward": float(rewards.mean()),
+            "train/kl": sum(stats["kl"]) / len(stats["kl"]),
+            "train/clip_fraction": sum(stats["clip_fraction"]) / len(stats["clip_fraction"]),
+            "train/completion_length": float(mask.sum(dim=1).float().mean()),
+            **{f"train/reward_{k}": float(v.mean()) for k, v in update["reward_components"].items()},
+        }, prog_bar=False)
+        self.log("reward", float(rewards.mean()), prog_bar=True, logger=False)
+
+    def _micro_loss(self, logprobs, update, chunk, mask, denominator):
+        """This micro-batch's share of the mini-batch loss: its summed terms over the mini-batch's normalizer."""
+        cfg = self.loss_config
+        old = update["old_logprobs"][chunk]
+        token_loss = clipped_surrogate(logprobs, old, update["advantages"][chunk], cfg.eps_low, cfg.eps_high)
+        kl_value = 0.0
+        if cfg.kl_coef > 0:
+            kl = kl_penalty(logprobs, update["ref_logprobs"][chunk], cfg.kl_estimator)
+            token_loss = token_loss + cfg.kl_coef * kl
+            kl_value = float(aggregate_loss(kl.detach(), mask, "token-mean"))
+        loss = _aggregated_sum(token_loss, mask, cfg) / denominator
+        with torch.no_grad():
+            ratio = torch.exp(logprobs - old)
+            adv = update["advantages"][chunk].unsqueeze(1)
+            clipped = ((ratio < 1 - cfg.eps_low) & (adv < 0)) | ((ratio > 1 + cfg.eps_high) & (adv > 0))
+            clip_fraction = float(aggregate_loss(clipped.float(), mask, "token-mean"))
+        return loss, kl_value, clip_fraction
+
+    # ------------------------------------------------------------------------------------------ evaluation
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def on_validation_epoch_start(self) -> None:
+        self.eval_records = []
+
+    def on_test_epoch_start(self) -> None:
+        self.eval_records = []
+
+    def _evaluate(self, batch: dict[str, Any], stage: str) -> None:
+        rollout = generate_rollouts(self.model, self.processor, batch["prompt"], batch["images"], 1, self.eval_sampling,
+                                    self.hparams.max_prompt_length, batch["id"])
+        scores = self.reward(rollout.completions, list(batch["answer"]))
+        correct = scores.components.get("accuracy", scores.total)
+        with torch.no_grad():
+            logprobs = completion_logprobs(self.model, self.processor, rollout, range(len(rollout)))
+        confidence = sequence_logprob(logprobs, rollout.completion_mask.to(logprobs.device), self.hparams.confidence_reduction)
+        entropy = batch["visual_entropy"]
+        thresholds = None
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "entropy_thresholds"):
+            thresholds = datamodule.entropy_thresholds(self.hparams.percentiles)
+        groups = perceptual_groups(entropy, self.hparams.percentiles, thresholds)
+        correct = correct.to(self.device)
+        updates = {"accuracy": correct, "reward": scores.total.to(self.device)}
+        for k in range(3):
+            chosen = groups.to(self.device) == k
+            if bool(chosen.any()):
+                updates[f"accuracy_perceptual_{k}"] = correct[chosen]
+        for name, values in updates.items():
+            metric = self.eval_metrics[f"{stage}_{name}"]
+            metric.update(values)
+            self.log(f"{stage}/{name}", metric, prog_bar=name == "accuracy")
+        for i in range(len(correct)):
+            self.eval_records.append({
+                "id": batch["id"][i], "correct": float(correct[i]), "visual_entropy": float(entropy[i]),
+                "confidence": float(confidence[i]), "completion": rollout.completions[i], "answer": batch["answer"][i],
+            })
+
+    # ------------------------------------------------------------------------------------------ end of fit
+
+    def on_fit_end(self) -> None:
+        if not self.hparams.use_lora or not self.trainer.is_global_zero:
+            return
+        folder = self.hparams.adapter_dir or str(Path(self.trainer.log_dir or self.trainer.default_root_dir) / "adapter")
+        self.model.save_pretrained(folder)
+        self.processor.save_pretrained(folder)
+
+
+def _select_prompt(group: dict[str, Any], prompt: int, g: int) -> dict[str, Any]:
+    rows = list(range(prompt * g, (prompt + 1) * g))
+    r = group["rollout"]
+    return {
+        "rows": rows, "rollout": r, "rewards": group["rewards"][rows], "old": group["old_logprobs"][rows],
+        "ref": None if group["ref_logprobs"] is None else group["ref_logprobs"][rows],
+        "components": {k: v[rows] for k, v in group["reward_components"].items()},
+        "seq": group["sequence_logprob"][rows], "entropy": group["visual_entropy"][prompt], "id": group["ids"][prompt],
+    }
+
+
+def _concat_prompts(items: list[dict[str, Any]], g: int) -> dict[str, Any]:
+    from .rollout import Rollout
+
+    width = max(item["rollout"].completion_ids.shape[1] for item in items)
+
+    def pad(t, value=0):
+        return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
+
+    rollout = Rollout(
+        prompts=[item["rollout"].prompts[i] for item in items for i in item["rows"]],
+        images=[item["rollout"].images[i] for item in items for i in item["rows"]],
+        prompt_index=torch.arange(len(items)).repeat_interleave(g),
+        completion_ids=torch.cat([pad(item["rollout"].completion_ids[item["rows"]]) for item in items]),
+        completion_mask=torch.cat([pad(item["rollout"].completion_mask[item["rows"]]) for item in items]),
+        completions=[item["rollout"].completions[i] for item in items for i in item["rows"]],
+    )
+    return {
+        "rollout": rollout,
+        "rewards": torch.cat([item["rewards"] for item in items]),
+        "reward_components": {k: torch.cat([item["components"][k] for item in items]) for k in items[0]["components"]},
+        "old_logprobs": torch.cat([pad(item["old"]) for item in items]),
+        "ref_logprobs": None if items[0]["ref"] is None else torch.cat([pad(item["ref"]) for item in items]),
+        "sequence_logprob": torch.cat([item["seq"] for item in items]),
+        "visual_entropy": torch.stack([item["entropy"] for item in items]),
+        "ids": [item["id"] for item in items],
+    }
+
+
+def _aggregated_sum(token_loss: torch.Tensor, mask: torch.Tensor, cfg: PolicyLossConfig) -> torch.Tensor:
+    """The numerator of the configured aggregation for these rows (so micro-batches add up to the mini-batch loss)."""
+    weights = mask.to(token_loss.dtype)
+    masked = torch.where(weights > 0, token_loss * weights, torch.zeros_like(token_loss))
+    if cfg.aggregation == "token-mean":
+        return masked.sum()
+    if cfg.aggregation == "seq-mean-token-mean":
+        tokens = weights.sum(dim=1)
+        return (masked.sum(dim=1) / tokens.clamp_min(1)).sum()
+    normalizer = cfg.normalizer or float(token_loss.shape[1])
+    return (masked.sum(dim=1) / normalizer).sum()
+
+
+def _aggregation_denominator(mask: torch.Tensor, cfg: PolicyLossConfig) -> float:
+    """The denominator of the configured aggregation over a whole mini-batch."""
+    if cfg.aggregation == "token-mean":
+        value = float(mask.sum())
+    elif cfg.aggregation == "seq-mean-token-mean":
+        value = float((mask.sum(dim=1) > 0).sum())
+    else:
+        value = float(mask.shape[0])
+    if value == 0:
+        raise ValueError("the mini-batch has no completion token: nothing to train on")
+    return value

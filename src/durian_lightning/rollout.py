@@ -1,0 +1,139 @@
+"""Batched generation of G rollouts per prompt and the log-probabilities of their completion tokens.
+
+Prompts are left-padded so every completion starts at the same column. Log-probs are recomputed with one forward
+function (:func:`completion_logprobs`) for the policy, the old policy and the reference, so the ratio is exactly 1
+where the weights are the same. Each forward re-encodes its rows' prompts with the processor: that keeps the code
+architecture-agnostic (LLaVA pixel tensors, Qwen-VL patch lists with grids) at the cost of repeating the cheap
+image preprocessing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from PIL import Image
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    do_sample: bool = True
+
+
+@dataclass
+class Rollout:
+    """G completions per prompt, flattened: row ``i`` answers prompt ``prompt_index[i]``."""
+
+    prompts: list[str]  # (N,) rendered prompt text per row
+    images: list[list[Image.Image]]  # (N,) images per row
+    prompt_index: torch.Tensor  # (N,) long
+    completion_ids: torch.Tensor  # (N, T)
+    completion_mask: torch.Tensor  # (N, T) 1 up to and including the first EOS
+    completions: list[str]  # (N,) decoded completion text (special tokens dropped)
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+def encode_prompts(processor, prompts: Sequence[str], images: Sequence[Sequence[Image.Image]], max_prompt_length: int | None, ids: Sequence[str] | None = None):
+    """Tokenize prompts with their images, left-padded; a prompt over ``max_prompt_length`` tokens is an error."""
+    tokenizer = processor.tokenizer
+    tokenizer.padding_side = "left"
+    flat = [image for row in images for image in row]
+    encoded = processor(text=list(prompts), images=flat or None, return_tensors="pt", padding=True)
+    if max_prompt_length is not None:
+        lengths = encoded["attention_mask"].sum(dim=1)
+        too_long = (lengths > max_prompt_length).nonzero().flatten().tolist()
+        if too_long:
+            row = too_long[0]
+            name = f"sample {ids[row]!r}" if ids is not None else f"prompt {row}"
+            raise ValueError(
+                f"{name} has {int(lengths[row])} prompt tokens (images included), over max_prompt_length="
+                f"{max_prompt_length}; raise the limit or shrink the images"
+            )
+    return encoded
+
+
+def completion_mask_after_eos(completion_ids: torch.Tensor, eos_token_ids: Sequence[int]) -> torch.Tensor:
+    """1 for every token up to and including the first EOS of each row, 0 after it."""
+    is_eos = torch.isin(completion_ids, torch.tensor(list(eos_token_ids), device=completion_ids.device))
+    after_eos = (is_eos.cumsum(dim=1) - is_eos.long()) > 0  # strictly after the first EOS
+    return (~after_eos).long()
+
+
+def multimodal_token_ids(model) -> list[int]:
+    """Image / video placeholder tokens: a completion must never emit them (the forward pass would look for
+    image features to put there)."""
+    config = model.config
+    names = ("image_token_id", "image_token_index", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+    return sorted({int(getattr(config, n)) for n in names if isinstance(getattr(config, n, None), int)})
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    eos = model.generation_config.eos_token_id
+    eos = eos if eos is not None else tokenizer.eos_token_id
+    return list(eos) if isinstance(eos, (list, tuple)) else [eos]
+
+
+@torch.no_grad()
+def generate_rollouts(
+    model,
+    processor,
+    prompts: Sequence[str],
+    images: Sequence[Sequence[Image.Image]],
+    num_generations: int,
+    sampling: SamplingConfig,
+    max_prompt_length: int | None = None,
+    ids: Sequence[str] | None = None,
+) -> Rollout:
+    """One batched ``generate`` call for ``num_generations`` completions of every prompt."""
+    rows_prompts = [p for p in prompts for _ in range(num_generations)]
+    rows_images = [list(im) for im in images for _ in range(num_generations)]
+    rows_ids = [i for i in ids for _ in range(num_generations)] if ids is not None else None
+    encoded = encode_prompts(processor, rows_prompts, rows_images, max_prompt_length, rows_ids)
+    device = next(model.parameters()).device
+    encoded = encoded.to(device)
+    eos_ids = _eos_ids(model, processor.tokenizer)
+    kwargs = dict(max_new_tokens=sampling.max_new_tokens, do_sample=sampling.do_sample, eos_token_id=eos_ids,
+                  pad_token_id=processor.tokenizer.pad_token_id, suppress_tokens=multimodal_token_ids(model))
+    if sampling.do_sample:
+        kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
+    was_training = model.training
+    model.eval()
+    try:
+        output = model.generate(**encoded, **kwargs)
+    finally:
+        model.train(was_training)
+    completion_ids = output[:, encoded["input_ids"].shape[1] :]
+    mask = completion_mask_after_eos(completion_ids, eos_ids)
+    texts = processor.tokenizer.batch_decode(completion_ids * mask + processor.tokenizer.pad_token_id * (1 - mask), skip_special_tokens=True)
+    prompt_index = torch.arange(len(prompts)).repeat_interleave(num_generations)
+    return Rollout(rows_prompts, rows_images, prompt_index, completion_ids, mask.to(completion_ids.device), texts)
+
+
+def completion_logprobs(model, processor, rollout: Rollout, rows: torch.Tensor | Sequence[int], temperature: float = 1.0) -> torch.Tensor:
+    """``(len(rows), T)`` log-probs of the completion tokens under ``model`` (gradients flow if enabled).
+
+    The logits are divided by the sampling temperature, so the old-policy log-probs match the distribution the
+    completions were sampled from.
+    """
+    rows = torch.as_tensor(rows).tolist()
+    encoded = encode_prompts(processor, [rollout.prompts[i] for i in rows], [rollout.images[i] for i in rows], None)
+    device = next(model.parameters()).device
+    encoded = encoded.to(device)
+    completion = rollout.completion_ids[rows].to(device)
+    mask = rollout.completion_mask[rows].to(device)
+    inputs = dict(encoded)
+    inputs["input_ids"] = torch.cat([encoded["input_ids"], completion], dim=1)
+    inputs["attention_mask"] = torch.cat([encoded["attention_mask"], mask.to(encoded["attention_mask"].dtype)], dim=1)
+    if "mm_token_type_ids" in inputs:  # Qwen-VL marks image tokens; completion tokens are text
+        inputs["mm_token_type_ids"] = torch.cat([encoded["mm_token_type_ids"], torch.zeros_like(completion)], dim=1)
+    length = completion.shape[1]
+    logits = model(**inputs, logits_to_keep=length + 1).logits[:, :-1, :]
+    logprobs = torch.log_softmax(logits.float() / temperature, dim=-1)
+    return logprobs.gather(-1, completion.unsqueeze(-1)).squeeze(-1)
