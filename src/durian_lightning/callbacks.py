@@ -61,18 +61,21 @@ class DifficultyStatsCallback(L.Callback):
         if last is None:
             return
         pl_module.log_dict(rollout_statistics(last), on_step=True, on_epoch=False)
-        pl_module.last_rollout = None  # each update is logged once, also when dynamic sampling skips steps
 
 
 class CompletionSamplesCallback(L.Callback):
-    """Every ``every_n_steps`` updates, appends ``num_samples`` completions with their rewards to a JSONL file."""
+    """On the first update and every ``every_n_steps`` after, appends ``num_samples`` completions with their rewards to a JSONL file."""
 
     def __init__(self, every_n_steps: int = 10, num_samples: int = 4, filename: str = "completions.jsonl"):
         self.every_n_steps, self.num_samples, self.filename = every_n_steps, num_samples, filename
+        self.updates_seen = 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         last = getattr(pl_module, "last_rollout", None)
-        if last is None or not trainer.is_global_zero or trainer.global_step % self.every_n_steps:
+        if last is None:
+            return
+        self.updates_seen += 1
+        if not trainer.is_global_zero or (self.updates_seen - 1) % self.every_n_steps:  # the 1st, then every n-th
             return
         path = Path(trainer.log_dir or trainer.default_root_dir) / self.filename
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -164,6 +164,7 @@ class DurianGRPO(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         hp = self.hparams
+        self.last_rollout = None  # set again only if this step updates the policy
         rollout_batch_size = hp.rollout_batch_size or len(batch["prompt"])
         mini_batch_size = hp.mini_batch_size or rollout_batch_size
         if rollout_batch_size % mini_batch_size:

@@ -196,7 +196,16 @@ def build_tiny_qwen2_5_vl(
     return model, processor
 
 
-BUILDERS = {"llava": build_tiny_llava, "qwen2_5_vl": build_tiny_qwen2_5_vl}
+def build_tiny_llava_format(**kwargs):
+    """The tiny LLaVA with the format warm-start (:mod:`.warmstart`): answers in format, at chance accuracy."""
+    from .warmstart import format_warmstart
+
+    model, processor = build_tiny_llava(**kwargs)
+    format_warmstart(model, processor)
+    return model, processor
+
+
+BUILDERS = {"llava": build_tiny_llava, "qwen2_5_vl": build_tiny_qwen2_5_vl, "llava-format": build_tiny_llava_format}
 
 
 def tiny_vlm_path(root: str | os.PathLike, architecture: str = "llava", **kwargs) -> Path:

@@ -1,0 +1,189 @@
+"""The training module end to end on tiny VLMs: CLI fit/validate, what changes, step counts, callbacks, bad config."""
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from durian_lightning.cli import run_cli
+from durian_lightning.losses import PolicyLossConfig, aggregate_loss
+from durian_lightning.models import load_policy
+from durian_lightning.module import DurianGRPO, _aggregated_sum, _aggregation_denominator
+from durian_lightning.rollout import SamplingConfig, completion_logprobs, completion_mask_after_eos, generate_rollouts
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = str(REPO / "data" / "synthetic")
+
+
+@pytest.fixture(autouse=True)
+def _model_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("DURIAN_CACHE", str(tmp_path_factory.getbasetemp() / "durian-cache"))
+
+
+def fit_args(tmp_path, model="tiny:llava", *extra):
+    return [
+        "--model.model_name_or_path", model,
+        "--model.num_generations", "2",
+        "--model.max_new_tokens", "6",
+        "--model.learning_rate", "1e-2",
+        "--data.source", DATA,
+        "--data.batch_size", "2",
+        "--data.eval_batch_size", "4",
+        "--data.cache_dir", str(tmp_path / "entropy"),
+        "--data.progress", "false",
+        "--trainer.default_root_dir", str(tmp_path),
+        "--trainer.limit_val_batches", "1",
+        "--trainer.enable_progress_bar", "false",
+        *extra,
+    ]
+
+
+def metrics(trainer) -> list[dict]:
+    return list(csv.DictReader(open(Path(trainer.log_dir) / "metrics.csv")))
+
+
+@pytest.mark.parametrize("model", ["tiny:llava", "tiny:qwen2_5_vl"])
+def test_fit_and_validate_through_the_cli(tmp_path, model):
+    cli = run_cli(["fit", *fit_args(tmp_path, model, "--trainer.max_steps", "2", "--trainer.val_check_interval", "2")])
+    trainer = cli.trainer
+    assert trainer.global_step == 2
+    rows = metrics(trainer)
+    columns = set().union(*rows)
+    for name in ["train/loss", "train/reward", "train/reward_format", "train/reward_accuracy", "difficulty/all_equal_ratio",
+                 "difficulty/extreme_ratio", "difficulty/max_abs_advantage_grpo", "difficulty/perceptual_0/shared_std",
+                 "val/accuracy", "error/entropy_group_0"]:
+        assert name in columns, name
+    assert (Path(trainer.log_dir) / "error_vs_difficulty.png").is_file()
+    assert (Path(trainer.log_dir) / "completions.jsonl").is_file()
+    adapter = Path(trainer.log_dir) / "adapter"
+    assert (adapter / "adapter_config.json").is_file()
+
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    from durian_lightning.models import resolve_model_path
+
+    base = AutoModelForImageTextToText.from_pretrained(resolve_model_path(model))
+    loaded = PeftModel.from_pretrained(base, str(adapter))
+    trained = {k: v for k, v in cli.model.model.state_dict().items() if "lora_" in k}
+    for key, value in loaded.state_dict().items():
+        if "lora_" in key:
+            torch.testing.assert_close(value, trained[key])
+
+    validated = run_cli(["validate", *fit_args(tmp_path / "v", model)])
+    assert "val/accuracy" in validated.trainer.callback_metrics
+
+
+def test_only_lora_parameters_change(tmp_path):
+    cli = run_cli(["fit", *fit_args(tmp_path, "tiny:llava", "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0",
+                                    "--model.reward_functions", "[tests.test_training:length_reward]")])
+    from transformers import AutoModelForImageTextToText
+
+    from durian_lightning.models import resolve_model_path
+
+    base = AutoModelForImageTextToText.from_pretrained(resolve_model_path("tiny:llava")).state_dict()
+    changed_lora = 0
+    for name, value in cli.model.model.state_dict().items():
+        if "lora_" in name:
+            changed_lora += int(name.endswith("lora_B.default.weight") and bool(value.abs().sum() > 0))
+            continue
+        key = name.replace("base_model.model.", "").replace(".base_layer", "")
+        torch.testing.assert_close(value, base[key], msg=name)
+    assert changed_lora > 0
+
+
+def test_policy_and_reference_logprobs_are_equal_at_step_zero(tmp_path):
+    from durian_lightning.models import resolve_model_path
+
+    model, processor = load_policy(resolve_model_path("tiny:llava"), use_lora=True)
+    from PIL import Image
+
+    prompt = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}],
+                                           add_generation_prompt=True, tokenize=False)
+    rollout = generate_rollouts(model, processor, [prompt], [[Image.new("RGB", (64, 64), "blue")]], 3, SamplingConfig(max_new_tokens=5))
+    policy = completion_logprobs(model, processor, rollout, range(3))
+    with model.disable_adapter():
+        reference = completion_logprobs(model, processor, rollout, range(3))
+    assert torch.equal(policy, reference)
+    assert bool((policy <= 0).all())
+
+
+def test_one_rollout_batch_gives_the_configured_number_of_optimizer_steps(tmp_path):
+    # 4 prompts per rollout batch, 2 per mini-batch, 2 PPO epochs -> 4 optimizer steps from one batch
+    cli = run_cli(["fit", *fit_args(tmp_path, "tiny:llava", "--data.batch_size", "4", "--model.mini_batch_size", "2",
+                                    "--model.ppo_epochs", "2", "--model.micro_batch_size", "3",
+                                    "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "0")])
+    assert cli.trainer.global_step == 4
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
+def test_micro_batches_add_up_to_the_mini_batch_loss(mode):
+    torch.manual_seed(0)
+    token_loss = torch.randn(7, 5)
+    mask = (torch.rand(7, 5) > 0.3).long()
+    mask[3] = 0  # an empty completion
+    cfg = PolicyLossConfig(aggregation=mode)
+    denominator = _aggregation_denominator(mask, cfg)
+    pieces = sum(_aggregated_sum(token_loss[c], mask[c], cfg) for c in torch.arange(7).split(3)) / denominator
+    assert pieces.item() == pytest.approx(aggregate_loss(token_loss, mask, mode).item(), rel=1e-6)
+
+
+def test_completion_mask_stops_after_the_first_eos():
+    ids = torch.tensor([[5, 9, 2, 7, 2], [2, 4, 4, 4, 4], [1, 1, 1, 1, 1]])
+    assert completion_mask_after_eos(ids, [2]).tolist() == [[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1]]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"num_generations": 1}, "num_generations must be >= 2"),
+        ({"rollout_batch_size": 6, "mini_batch_size": 4}, "must divide rollout_batch_size=6"),
+        ({"micro_batch_size": 0}, "micro_batch_size must be >= 1"),
+        ({"estimator": "ppo"}, "estimator must be"),
+        ({"reward_functions": ["no_such_module:fn"]}, "cannot import module"),
+        ({"reward_functions": ["durian_lightning.rewards:format_reward"], "reward_weights": [1.0, 2.0]}, "1 reward_functions but 2"),
+        ({"loss_preset": "ppo"}, "unknown loss preset"),
+    ],
+)
+def test_impossible_configuration_fails_before_any_compute(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        DurianGRPO(**kwargs)
+
+
+def test_unknown_config_key_is_rejected_by_the_cli(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        run_cli(["fit", *fit_args(tmp_path), "--model.num_generationz", "4"])
+    assert "num_generationz" in capsys.readouterr().err
+
+
+def test_a_prompt_over_the_limit_is_named(tmp_path):
+    with pytest.raises(ValueError, match=r"sample 'train-\d+' has \d+ prompt tokens .* over max_prompt_length=10"):
+        run_cli(["fit", *fit_args(tmp_path, "tiny:llava", "--model.max_prompt_length", "10", "--trainer.max_steps", "1")])
+
+
+def test_a_broken_reward_function_stops_the_step_with_its_name(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    module = types.ModuleType("broken_rewards")
+    module.nan_reward = lambda completions, answers, **kw: [float("nan")] * len(completions)
+    monkeypatch.setitem(sys.modules, "broken_rewards", module)
+    with pytest.raises(ValueError, match="reward function 'broken_rewards:nan_reward' returned nan for completion 0"):
+        run_cli(["fit", *fit_args(tmp_path, "tiny:llava", "--model.reward_functions", "[broken_rewards:nan_reward]",
+                                  "--trainer.max_steps", "1")])
+
+
+def test_dapo_preset_with_dynamic_sampling_runs(tmp_path):
+    cli = run_cli(["fit", *fit_args(tmp_path, "tiny:llava", "--model.loss_preset", "dapo", "--model.dynamic_sampling", "true",
+                                    "--model.reward_functions", "[tests.test_training:length_reward]",
+                                    "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0")])
+    assert cli.trainer.global_step == 2
+    kept = [float(r["train/dynamic_sampling_kept"]) for r in metrics(cli.trainer) if r.get("train/dynamic_sampling_kept")]
+    assert kept and all(0.0 <= k <= 1.0 for k in kept)
+
+
+def length_reward(completions, answers, **fields):
+    """A dense reward so that random tiny models produce prompts with unequal rewards."""
+    return [len(c) / 100 for c in completions]
