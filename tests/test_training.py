@@ -187,3 +187,23 @@ def test_dapo_preset_with_dynamic_sampling_runs(tmp_path):
 def length_reward(completions, answers, **fields):
     """A dense reward so that random tiny models produce prompts with unequal rewards."""
     return [len(c) / 100 for c in completions]
+
+
+def test_resuming_from_a_checkpoint_reproduces_the_uninterrupted_run(tmp_path):
+    common = ["--seed_everything", "7", "--model.reward_functions", "[tests.test_training:length_reward]",
+              "--trainer.limit_val_batches", "0", "--trainer.max_steps", "3"]
+    checkpointing = ["--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+                     "--trainer.callbacks.every_n_train_steps=2", "--trainer.callbacks.save_top_k=-1",
+                     f"--trainer.callbacks.dirpath={tmp_path / 'ckpt'}"]
+    straight = run_cli(["fit", *fit_args(tmp_path / "a", "tiny:llava", *common, *checkpointing)])
+    checkpoint = tmp_path / "ckpt" / "epoch=0-step=2.ckpt"
+    assert checkpoint.is_file()
+    saved = torch.load(checkpoint, weights_only=False)
+    assert all("lora_" in k for k in saved["state_dict"]), "only trainable weights are checkpointed"
+    resumed = run_cli(["fit", *fit_args(tmp_path / "b", "tiny:llava", *common), "--ckpt_path", str(checkpoint)])
+    assert resumed.trainer.global_step == 3
+    a = {k: v for k, v in straight.model.model.state_dict().items() if "lora_" in k}
+    b = {k: v for k, v in resumed.model.model.state_dict().items() if "lora_" in k}
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)

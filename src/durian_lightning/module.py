@@ -364,6 +364,23 @@ class DurianGRPO(L.LightningModule):
                 "confidence": float(confidence[i]), "completion": rollout.completions[i], "answer": batch["answer"][i],
             })
 
+    # ------------------------------------------------------------------------------------------ checkpoints
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep only the trainable weights (the adapter, not a 7B base model) and the sampling RNG state."""
+        trainable = {f"model.{name}" for name, p in self.model.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable or not k.startswith("model.")}
+        checkpoint["durian_rng"] = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+        checkpoint["durian_pending"] = len(self._pending)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.strict_loading = False  # frozen base weights come from model_name_or_path, not the checkpoint
+        rng = checkpoint.get("durian_rng")
+        if rng is not None:
+            torch.set_rng_state(rng["torch"])
+            if rng["cuda"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+
     # ------------------------------------------------------------------------------------------ end of fit
 
     def on_fit_end(self) -> None:

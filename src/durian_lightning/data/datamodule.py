@@ -24,6 +24,7 @@ from ..difficulty import percentile_thresholds
 from ..models.loading import resolve_model_path
 from .entropy_cache import EntropyCache
 from .images import ImageError, content_hash, image_bytes, open_image
+from .resumable import ResumableDataLoader
 from .sources import RawSplit, check_columns, load_source
 from .visual_entropy import PixelEntropyScorer, SpectralEntropyScorer
 
@@ -355,23 +356,23 @@ class MultimodalReasoningDataModule(L.LightningDataModule):
             self.samples[split], self.hparams.system_prompt, self.hparams.instruction, self.hparams.max_image_side, template
         )
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        batch_size = self.hparams.batch_size if shuffle else (self.hparams.eval_batch_size or self.hparams.batch_size)
-        generator = torch.Generator().manual_seed(self.hparams.shuffle_seed) if shuffle else None
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled per epoch from ``shuffle_seed``; resumable mid-epoch from a checkpoint."""
+        return ResumableDataLoader(
+            self.dataset("train"), self.hparams.batch_size, self.hparams.shuffle_seed,
+            num_workers=self.hparams.num_workers, collate_fn=collate_reasoning_batch,
+        )
+
+    def _eval_loader(self, split: str) -> DataLoader:
         return DataLoader(
             self.dataset(split),
-            batch_size=batch_size,
-            shuffle=shuffle,
-            generator=generator,
+            batch_size=self.hparams.eval_batch_size or self.hparams.batch_size,
             num_workers=self.hparams.num_workers,
             collate_fn=collate_reasoning_batch,
         )
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
     def val_dataloader(self) -> DataLoader:
-        return self._loader("validation", shuffle=False)
+        return self._eval_loader("validation")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+        return self._eval_loader("test")
