@@ -114,7 +114,8 @@ def test_one_rollout_batch_gives_the_configured_number_of_optimizer_steps(tmp_pa
     # 4 prompts per rollout batch, 2 per mini-batch, 2 PPO epochs -> 4 optimizer steps from one batch
     cli = run_cli(["fit", *fit_args(tmp_path, "tiny:llava", "--data.batch_size", "4", "--model.mini_batch_size", "2",
                                     "--model.ppo_epochs", "2", "--model.micro_batch_size", "3",
-                                    "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "0")])
+                                    "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "0",
+                                    "--trainer.max_epochs", "1")])
     assert cli.trainer.global_step == 4
 
 

@@ -6,3 +6,16 @@ The math lives in plain modules that import without Lightning or a model:
 """
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """``durian_lightning.DurianGRPO`` without importing Lightning for users of the math alone."""
+    if name == "DurianGRPO":
+        from .module import DurianGRPO
+
+        return DurianGRPO
+    if name == "MultimodalReasoningDataModule":
+        from .data import MultimodalReasoningDataModule
+
+        return MultimodalReasoningDataModule
+    raise AttributeError(f"module 'durian_lightning' has no attribute {name!r}")
