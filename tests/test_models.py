@@ -1,7 +1,6 @@
 """The tiny offline VLM builders: real transformers architectures that load, generate and rebuild identically."""
 
 import pytest
-import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 

@@ -1,7 +1,6 @@
 """The training module end to end on tiny VLMs: CLI fit/validate, what changes, step counts, callbacks, bad config."""
 
 import csv
-import json
 from pathlib import Path
 
 import pytest
@@ -208,3 +207,23 @@ def test_resuming_from_a_checkpoint_reproduces_the_uninterrupted_run(tmp_path):
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+def test_full_fine_tuning_with_a_frozen_reference_copy(tmp_path):
+    cli = run_cli(["fit", *fit_args(tmp_path, "tiny:llava", "--model.use_lora", "false", "--model.kl_coef", "0.05",
+                                    "--model.reward_functions", "[tests.test_training:length_reward]",
+                                    "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0")])
+    module = cli.model
+    reference = module._frozen_reference[0]
+    changed = [n for (n, p), (_, q) in zip(module.model.named_parameters(), reference.named_parameters()) if not torch.equal(p, q)]
+    assert changed, "full fine-tuning changed no weight"
+    assert not any(p.requires_grad for p in reference.parameters())
+    kl = [float(r["train/kl"]) for r in metrics(cli.trainer) if r.get("train/kl")]
+    assert kl[0] == 0.0 and kl[-1] > 0.0  # policy == reference before the first update, then they part
+
+
+def test_predict_and_test_subcommands(tmp_path):
+    tested = run_cli(["test", *fit_args(tmp_path, "tiny:llava", "--trainer.limit_test_batches", "1")])
+    assert "test/accuracy" in tested.trainer.callback_metrics
+    predicted = run_cli(["predict", *fit_args(tmp_path / "p", "tiny:llava", "--trainer.limit_predict_batches", "1")])
+    assert predicted.trainer.predict_loop.predictions is not None

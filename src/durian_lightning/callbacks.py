@@ -80,15 +80,30 @@ class CompletionSamplesCallback(L.Callback):
         path = Path(trainer.log_dir or trainer.default_root_dir) / self.filename
         path.parent.mkdir(parents=True, exist_ok=True)
         g = last["num_generations"]
+        samples = [
+            {
+                "step": trainer.global_step,
+                "id": last["ids"][row // g],
+                "completion": last["completions"][row],
+                "reward": float(last["rewards"][row]),
+                "advantage": float(last["advantages"][row]),
+            }
+            for row in range(min(self.num_samples, len(last["completions"])))
+        ]
         with open(path, "a") as f:
-            for row in range(min(self.num_samples, len(last["completions"]))):
-                f.write(json.dumps({
-                    "step": trainer.global_step,
-                    "id": last["ids"][row // g],
-                    "completion": last["completions"][row],
-                    "reward": float(last["rewards"][row]),
-                    "advantage": float(last["advantages"][row]),
-                }) + "\n")
+            f.writelines(json.dumps(sample) + "\n" for sample in samples)
+        _log_text(trainer.logger, "completions", samples, trainer.global_step)
+
+
+def _log_text(logger, key: str, rows: list[dict[str, Any]], step: int) -> None:
+    """Text to loggers that take it (W&B tables, TensorBoard text); others get the file only."""
+    if logger is None or not rows:
+        return
+    if hasattr(logger, "log_text"):
+        columns = list(rows[0])
+        logger.log_text(key=key, columns=columns, data=[[r[c] for c in columns] for r in rows], step=step)
+    elif hasattr(getattr(logger, "experiment", None), "add_text"):
+        logger.experiment.add_text(key, "\n\n".join(json.dumps(r) for r in rows), global_step=step)
 
 
 def error_by_difficulty(records: list[dict[str, Any]], thresholds: torch.Tensor | None = None) -> dict[str, float]:

@@ -10,10 +10,9 @@ orchestrates. Optimization is manual so that one rollout batch feeds several opt
 
 from __future__ import annotations
 
-import math
-from dataclasses import replace
+import copy
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -127,6 +126,7 @@ class DurianGRPO(L.LightningModule):
             self.reward = WeightedReward.paper_default()
         self.model = None
         self.processor = None
+        self._frozen_reference: list = []  # a list keeps the copy out of the checkpoint and the optimizer
         self._pending: list[dict[str, Any]] = []  # dynamic sampling: informative prompts waiting for a full batch
         self.last_rollout: dict[str, Any] | None = None  # what the last update saw, for callbacks
         # accuracy overall and per perceptual group (0 simple .. 2 complex images), for validation and test
@@ -146,6 +146,9 @@ class DurianGRPO(L.LightningModule):
             hp.model_name_or_path, hp.dtype, hp.use_lora, hp.lora_r, hp.lora_alpha, hp.lora_dropout,
             hp.lora_target_modules, hp.gradient_checkpointing,
         )
+        if not hp.use_lora and self.loss_config.kl_coef > 0:
+            # full fine-tuning has no adapter to switch off: keep a frozen copy (outside the state dict)
+            self._frozen_reference = [copy.deepcopy(self.model).eval().requires_grad_(False)]
 
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -154,11 +157,15 @@ class DurianGRPO(L.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    def reference_context(self):
-        """The reference policy: the base model with the LoRA adapter switched off."""
-        if not self.hparams.use_lora:
-            raise ValueError("a KL penalty without LoRA needs a frozen reference copy; set kl_coef=0 or use_lora=True")
-        return self.model.disable_adapter()
+    def reference_logprobs(self, rollout, rows: torch.Tensor) -> torch.Tensor:
+        """Log-probs under the reference policy: the base model with the LoRA adapter switched off (exact), or the
+        frozen copy made at the start when fine-tuning all weights."""
+        hp = self.hparams
+        if hp.use_lora:
+            with self.model.disable_adapter():
+                return completion_logprobs(self.model, self.processor, rollout, rows, hp.temperature)
+        reference = self._frozen_reference[0].to(self.device)
+        return completion_logprobs(reference, self.processor, rollout, rows, hp.temperature)
 
     # ------------------------------------------------------------------------------------------ training
 
@@ -195,9 +202,7 @@ class DurianGRPO(L.LightningModule):
                              for chunk in rows.split(hp.micro_batch_size)])
             ref = None
             if self.loss_config.kl_coef > 0:
-                with self.reference_context():
-                    ref = torch.cat([completion_logprobs(self.model, self.processor, rollout, chunk, hp.temperature)
-                                     for chunk in rows.split(hp.micro_batch_size)])
+                ref = torch.cat([self.reference_logprobs(rollout, chunk) for chunk in rows.split(hp.micro_batch_size)])
         mask = rollout.completion_mask.to(old.device)
         return {
             "rollout": rollout,
@@ -358,11 +363,29 @@ class DurianGRPO(L.LightningModule):
             metric = self.eval_metrics[f"{stage}_{name}"]
             metric.update(values)
             self.log(f"{stage}/{name}", metric, prog_bar=name == "accuracy")
+        if "source" in batch:  # per benchmark, when the data says where each sample comes from
+            sources = list(batch["source"])
+            for source in sorted(set(sources)):
+                chosen = torch.tensor([s == source for s in sources], device=self.device)
+                self.log(f"{stage}/accuracy_source_{source}", correct[chosen].mean(), batch_size=int(chosen.sum()), sync_dist=True)
         for i in range(len(correct)):
             self.eval_records.append({
                 "id": batch["id"][i], "correct": float(correct[i]), "visual_entropy": float(entropy[i]),
                 "confidence": float(confidence[i]), "completion": rollout.completions[i], "answer": batch["answer"][i],
             })
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
+        """Greedy (or ``eval_do_sample``) completions with their extracted answers and rewards."""
+        from .rewards import extract_answer
+
+        rollout = generate_rollouts(self.model, self.processor, batch["prompt"], batch["images"], 1, self.eval_sampling,
+                                    self.hparams.max_prompt_length, batch["id"])
+        scores = self.reward(rollout.completions, list(batch["answer"]))
+        return [
+            {"id": batch["id"][i], "completion": rollout.completions[i], "prediction": extract_answer(rollout.completions[i]),
+             "answer": batch["answer"][i], "reward": float(scores.total[i])}
+            for i in range(len(rollout))
+        ]
 
     # ------------------------------------------------------------------------------------------ checkpoints
 
