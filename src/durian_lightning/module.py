@@ -21,7 +21,7 @@ import torchmetrics
 from .advantages import batch_std_advantages, dr_grpo_advantages, durian_advantages, grpo_advantages
 from .difficulty import perceptual_groups, sequence_logprob
 from .losses import PolicyLossConfig, aggregate_loss, clipped_surrogate, kl_penalty
-from .models.loading import load_policy
+from .models.loading import DEFAULT_LORA_TARGETS, load_policy
 from .rewards import WeightedReward, load_reward_function
 from .rollout import SamplingConfig, completion_logprobs, generate_rollouts
 
@@ -65,7 +65,7 @@ class DurianGRPO(L.LightningModule):
         lora_r: int = 16,
         lora_alpha: int = 32,
         lora_dropout: float = 0.0,
-        lora_target_modules: str = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)",
+        lora_target_modules: str = DEFAULT_LORA_TARGETS,
         gradient_checkpointing: bool = False,
         num_generations: int = 8,
         max_new_tokens: int = 64,

@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 
 TINY_PREFIX = "tiny:"
+# LoRA on the language model's attention only: a bare ".*q_proj" would adapt the vision tower too
+DEFAULT_LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -29,7 +31,7 @@ def load_policy(
     lora_r: int = 16,
     lora_alpha: int = 32,
     lora_dropout: float = 0.0,
-    lora_target_modules: str = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)",
+    lora_target_modules: str = DEFAULT_LORA_TARGETS,
     gradient_checkpointing: bool = False,
 ):
     """``(model, processor)``; with LoRA only the adapter trains and ``model.disable_adapter()`` is the reference."""

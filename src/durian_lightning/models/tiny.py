@@ -61,6 +61,20 @@ def _train_tokenizer(vocab_size: int, chat_template: str = TINY_CHAT_TEMPLATE):
     return fast
 
 
+def _text_config(tokenizer, hidden: int, num_layers: int) -> dict:
+    """The tiny Qwen2-style language model both builders share (4 heads of hidden/4, 2 KV heads)."""
+    return dict(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+    )
+
+
 def _seeded_model(model_class, config, tokenizer, seed: int):
     """Random weights from ``seed`` without touching the caller's RNG; generation stops at the tokenizer's EOS."""
     with torch.random.fork_rng(devices=[]):
@@ -99,16 +113,7 @@ def build_tiny_llava(
         num_hidden_layers=num_layers,
         num_attention_heads=2,
     )
-    text = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=text_hidden,
-        intermediate_size=2 * text_hidden,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        tie_word_embeddings=True,
-    )
+    text = Qwen2Config(**_text_config(tokenizer, text_hidden, num_layers))
     config = LlavaConfig(
         vision_config=vision,
         text_config=text,
@@ -154,15 +159,8 @@ def build_tiny_qwen2_5_vl(
     quarter = head_dim // 2 // 4  # mrope_section must add up to head_dim / 2
     config = Qwen2_5_VLConfig(
         text_config=dict(
-            vocab_size=len(tokenizer),
-            hidden_size=text_hidden,
-            intermediate_size=2 * text_hidden,
-            num_hidden_layers=num_layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=1024,
+            **_text_config(tokenizer, text_hidden, num_layers),
             rope_scaling={"type": "mrope", "mrope_section": [head_dim // 2 - 2 * quarter, quarter, quarter]},
-            tie_word_embeddings=True,
             bos_token_id=None,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
