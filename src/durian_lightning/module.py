@@ -32,29 +32,48 @@ class DurianGRPO(L.LightningModule):
     """GRPO / DAPO with Durian's difficulty-aware advantages on a LoRA-adapted VLM.
 
     Args:
-        model_name_or_path: a VLM path or hub id, or ``tiny:llava`` / ``tiny:qwen2_5_vl`` (built offline).
-        dtype: ``float32`` (CPU) or ``bfloat16`` (GPU).
-        use_lora / lora_r / lora_alpha / lora_dropout / lora_target_modules: LoRA via peft (a regex; the default
-            adapts the language model's attention only). ``use_lora=False`` fine-tunes everything.
-        gradient_checkpointing: trade compute for activation memory.
-        num_generations: G rollouts per prompt (>= 2).
-        max_new_tokens / temperature / top_p / top_k: sampling for rollouts.
-        max_prompt_length: prompts longer than this (in tokens, images included) are an error.
-        reward_functions / reward_weights: import paths ``pkg.mod:fn`` and weights; default 0.1 format + 0.9 accuracy.
-        estimator: ``grpo``, ``dr_grpo``, ``batch`` or ``durian``.
-        alphas / num_reasoning_groups / percentiles / confidence_reduction: Durian's knobs (DESIGN.md section 1).
-        entropy_thresholds: ``batch`` (paper) or ``dataset`` (the datamodule's train percentiles).
-        loss_preset: ``grpo`` or ``dapo``; ``eps_low``, ``eps_high``, ``kl_coef``, ``kl_estimator``, ``aggregation``
-            override single knobs of the preset.
-        dynamic_sampling: DAPO's filter: drop prompts whose G rewards are equal, and wait for the next rollout
-            batches until ``rollout_batch_size`` informative prompts are collected.
-        rollout_batch_size: prompts per update (defaults to the dataloader's batch size).
-        mini_batch_size: prompts per optimizer step; must divide the rollout batch.
-        micro_batch_size: rollouts per forward/backward.
-        ppo_epochs: passes over the rollout batch.
-        learning_rate / weight_decay / warmup_steps / max_grad_norm: the optimizer (AdamW, linear warm-up).
-        eval_max_new_tokens / eval_do_sample: generation for validation and test (greedy by default).
-        adapter_dir: where the LoRA adapter is saved at the end of fit (default: the run's log dir / "adapter").
+        model_name_or_path: VLM path or hub id, or tiny:llava / tiny:qwen2_5_vl / tiny:llava-format (built offline).
+        dtype: weights dtype: float32 on CPU, bfloat16 on GPU.
+        use_lora: train a LoRA adapter (True) or every weight (False).
+        lora_r: LoRA rank.
+        lora_alpha: LoRA scaling numerator (scale = alpha / r).
+        lora_dropout: dropout on the LoRA path.
+        lora_target_modules: regex of module names to adapt; the default adapts the language model's attention only.
+        gradient_checkpointing: recompute activations in backward to save memory.
+        num_generations: G, rollouts per prompt (>= 2).
+        max_new_tokens: completion length limit for rollouts.
+        temperature: sampling temperature (log-probs use the same temperature).
+        top_p: nucleus sampling threshold (1.0 = off).
+        top_k: top-k sampling (0 = off).
+        max_prompt_length: prompts longer than this many tokens (images included) are an error.
+        reward_functions: import paths pkg.mod:fn of reward functions; default 0.1 format + 0.9 accuracy.
+        reward_weights: one weight per reward function (default 1.0 each).
+        estimator: advantage estimator: grpo, dr_grpo, batch or durian.
+        alphas: Durian's (alpha_ori, alpha_percep, alpha_reason).
+        num_reasoning_groups: b, equal-frequency groups of confidence (the paper finds 12-16 best).
+        percentiles: the two entropy percentiles splitting the three perceptual groups.
+        confidence_reduction: sequence log-prob as the token sum (paper) or the per-token mean.
+        entropy_thresholds: perceptual thresholds from the batch (paper) or from the dataset's train entropies.
+        advantage_eps: epsilon added to every std.
+        loss_preset: grpo (clip 0.2, k3 KL 0.01, seq-mean-token-mean) or dapo (clip 0.2/0.28, no KL, token-mean).
+        eps_low: lower clip range (overrides the preset).
+        eps_high: upper clip range (overrides the preset).
+        kl_coef: KL penalty coefficient (overrides the preset).
+        kl_estimator: k1, k2, k3 or low_var_kl (overrides the preset).
+        aggregation: token-mean, seq-mean-token-mean or seq-mean-token-sum (overrides the preset).
+        dynamic_sampling: DAPO's filter: drop prompts whose G rewards are equal and update once rollout_batch_size
+            informative prompts are collected.
+        rollout_batch_size: prompts per update (default: the dataloader's batch size).
+        mini_batch_size: prompts per optimizer step; must divide the rollout batch (default: all of it).
+        micro_batch_size: rollouts per forward/backward (memory only).
+        ppo_epochs: passes over each rollout batch.
+        learning_rate: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        warmup_steps: linear learning-rate warm-up, in optimizer steps.
+        max_grad_norm: gradient clipping norm.
+        eval_max_new_tokens: completion length for validation / test / predict (default: max_new_tokens).
+        eval_do_sample: sample in evaluation instead of greedy decoding.
+        adapter_dir: where the LoRA adapter is saved at the end of fit (default: the run's log dir / adapter).
     """
 
     def __init__(

@@ -114,19 +114,29 @@ class MultimodalReasoningDataModule(L.LightningDataModule):
     """Multimodal reasoning data (image(s), problem, answer) with cached per-image visual entropy.
 
     Args:
-        source: a folder with train/val/test files (.jsonl/.json/.parquet), one file, a ``save_to_disk`` folder, a
-            ``{split: file}`` mapping, or a Hugging Face hub id.
-        model_name_or_path: the VLM whose vision encoder scores images (the same path as the LightningModule's;
-            ``tiny:llava`` / ``tiny:qwen2_5_vl`` build a tiny offline one).
-        columns: renames, e.g. ``{"images": "image", "problem": "question", "id": "pid"}``.
-        val_fraction / test_fraction: carve a split from train (with ``split_seed``) when the source has none.
-        system_prompt / instruction: the chat's system prompt and the thinking instruction added to each problem.
-        entropy_method: ``"spectral"`` (the paper's, needs the model) or ``"pixel"`` (model-free histogram entropy).
-        vision_layer / feature_source / image_processor_kwargs: which features, at which resolution (see
-            :class:`SpectralEntropyScorer`); all part of the cache key.
-        cache_dir: where entropies are cached; keyed by image content and scorer fingerprint.
-        bad_rows: ``"raise"`` stops at the first bad row; ``"skip"`` drops it, counts it and warns with its name.
+        source: a folder with train/val/test files (.jsonl/.json/.parquet), one file, a save_to_disk folder, a
+            {split: file} mapping, or a Hugging Face hub id.
+        model_name_or_path: the VLM whose vision encoder scores images (linked to the module's in the CLI;
+            tiny:llava / tiny:qwen2_5_vl build a tiny offline one).
+        columns: column renames, e.g. {"images": "image", "problem": "question", "id": "pid"}.
+        val_fraction: share of train carved out as validation when the source has no validation split.
+        test_fraction: share of train carved out as test when the source has no test split.
+        split_seed: seed of that carving.
+        system_prompt: the chat's system prompt (None for none).
+        instruction: the thinking instruction appended to every problem (None for none).
+        entropy_method: spectral (the paper's, needs the model) or pixel (model-free histogram entropy).
+        vision_layer: which hidden state of the vision encoder (0 = patch embeddings, -1 = last block).
+        feature_source: vision_tower (before any projector / patch merger) or projector (after it).
+        image_processor_kwargs: passed to the image processor, e.g. {"max_pixels": 1003520}; sets the resolution.
+        entropy_batch_size: images per encoder call during the precompute.
+        cache_dir: where entropies are cached (keyed by image content and scorer fingerprint).
+        bad_rows: raise stops at the first bad row; skip drops it, counts it and warns with its name.
         max_image_side: images are shrunk so their longer side is at most this before any processing.
+        batch_size: prompts per training batch (the rollout batch).
+        eval_batch_size: prompts per validation / test batch (default: batch_size).
+        num_workers: DataLoader worker processes.
+        shuffle_seed: seed of the per-epoch training order.
+        progress: show a progress bar during the entropy precompute.
     """
 
     def __init__(
