@@ -227,3 +227,14 @@ def test_predict_and_test_subcommands(tmp_path):
     assert "test/accuracy" in tested.trainer.callback_metrics
     predicted = run_cli(["predict", *fit_args(tmp_path / "p", "tiny:llava", "--trainer.limit_predict_batches", "1")])
     assert predicted.trainer.predict_loop.predictions is not None
+
+
+def test_gradient_checkpointing_gives_the_same_update(tmp_path):
+    args = ["--seed_everything", "3", "--model.reward_functions", "[tests.test_training:length_reward]",
+            "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0"]
+    plain = run_cli(["fit", *fit_args(tmp_path / "a", "tiny:llava", *args)])
+    checkpointed = run_cli(["fit", *fit_args(tmp_path / "b", "tiny:llava", *args, "--model.gradient_checkpointing", "true")])
+    a = {k: v for k, v in plain.model.model.state_dict().items() if "lora_" in k}
+    b = {k: v for k, v in checkpointed.model.model.state_dict().items() if "lora_" in k}
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], msg=key)
