@@ -169,6 +169,16 @@ class DurianGRPO(L.LightningModule):
             # full fine-tuning has no adapter to switch off: keep a frozen copy (outside the state dict)
             self._frozen_reference = [copy.deepcopy(self.model).eval().requires_grad_(False)]
 
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.trainer.world_size > 1:
+            # DistributedDataParallel's reducer expects one backward per forward of its wrapper; an RL step runs a
+            # generate, several log-prob passes and one backward per micro-batch. Tried here: plain DDP fails with a
+            # gloo collective mismatch; an unwrapped module with a manual gradient all-reduce hung (to be debugged).
+            raise ValueError(
+                f"multi-process training (world size {self.trainer.world_size}) is not supported yet; train on one "
+                "device. The advantage statistics already gather the global batch (all_gather) for when it is."
+            )
+
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)
