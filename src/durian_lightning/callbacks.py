@@ -141,7 +141,8 @@ def draw_bar_chart(values: dict[str, float], path: Path, title: str) -> None:
         x = 50 + 60 * i
         top = height - margin - int((height - 2 * margin - 20) * max(0.0, min(1.0, value)))
         draw.rectangle([x, top, x + 40, height - margin], fill=(70, 110, 200))
-        draw.text((x, height - margin + 4), name.rsplit("_", 1)[-1], fill="black")
+        prefix = "H" if "entropy" in name else "c" if "confidence" in name else ""
+        draw.text((x, height - margin + 4), prefix + name.rsplit("_", 1)[-1], fill="black")
         draw.text((x, top - 12), f"{value:.2f}", fill="black")
     image.save(path)
 
@@ -163,4 +164,5 @@ class ErrorVsDifficultyCallback(L.Callback):
         if trainer.is_global_zero:
             folder = Path(trainer.log_dir or trainer.default_root_dir)
             folder.mkdir(parents=True, exist_ok=True)
-            draw_bar_chart(stats, folder / self.filename, f"error rate vs difficulty (step {trainer.global_step})")
+            title = f"error rate by entropy group (H0 simple .. H2 complex) and confidence decile (c0 least) - step {trainer.global_step}"
+            draw_bar_chart(stats, folder / self.filename, title)

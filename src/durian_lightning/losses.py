@@ -57,6 +57,16 @@ def clipped_surrogate(
     return -torch.minimum(unclipped, clipped)
 
 
+def clipped_tokens(
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, eps_low: float, eps_high: float
+) -> torch.Tensor:
+    """Where the clipped branch is active (the ratio left the range in the direction the advantage pushes): these
+    tokens get no gradient. Boolean, shaped like ``logprobs``."""
+    ratio = torch.exp(logprobs - old_logprobs)
+    adv = _broadcast_advantages(advantages, logprobs)
+    return ((ratio < 1 - eps_low) & (adv < 0)) | ((ratio > 1 + eps_high) & (adv > 0))
+
+
 def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: KLEstimator = "k3") -> torch.Tensor:
     """Per-token estimate of ``KL(pi || pi_ref)`` from samples of ``pi`` (Schulman's k1, k2, k3).
 
@@ -167,9 +177,7 @@ def policy_loss(
         kl_value = aggregate_loss(kl.detach(), mask, config.aggregation, config.normalizer)
     loss = aggregate_loss(token_loss, mask, config.aggregation, config.normalizer)
     with torch.no_grad():
-        ratio = torch.exp(logprobs - old_logprobs)
-        adv = _broadcast_advantages(advantages, logprobs)
-        clipped = ((ratio < 1 - config.eps_low) & (adv < 0)) | ((ratio > 1 + config.eps_high) & (adv > 0))
+        clipped = clipped_tokens(logprobs, old_logprobs, advantages, config.eps_low, config.eps_high)
         clip_fraction = aggregate_loss(clipped.to(logprobs.dtype), mask, "token-mean")
         pg = aggregate_loss(surrogate.detach(), mask, config.aggregation, config.normalizer)
     return PolicyLoss(loss=loss, policy_loss=pg, kl=kl_value, clip_fraction=clip_fraction)

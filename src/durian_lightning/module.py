@@ -20,7 +20,7 @@ import torchmetrics
 
 from .advantages import batch_std_advantages, dr_grpo_advantages, durian_advantages, grpo_advantages
 from .difficulty import perceptual_groups, sequence_logprob
-from .losses import PolicyLossConfig, aggregate_loss, clipped_surrogate, kl_penalty
+from .losses import PolicyLossConfig, aggregate_loss, clipped_surrogate, clipped_tokens, kl_penalty
 from .models.loading import DEFAULT_LORA_TARGETS, load_policy
 from .rewards import WeightedReward, load_reward_function
 from .rollout import SamplingConfig, completion_logprobs, generate_rollouts
@@ -174,9 +174,9 @@ class DurianGRPO(L.LightningModule):
             # DistributedDataParallel's reducer expects one backward per forward of its wrapper; an RL step runs a
             # generate, several log-prob passes and one backward per micro-batch. Tried here: plain DDP fails with a
             # gloo collective mismatch; an unwrapped module with a manual gradient all-reduce hung (to be debugged).
+            # Multi-process support also needs the batch statistics all-gathered in _advantages.
             raise ValueError(
-                f"multi-process training (world size {self.trainer.world_size}) is not supported yet; train on one "
-                "device. The advantage statistics already gather the global batch (all_gather) for when it is."
+                f"multi-process training (world size {self.trainer.world_size}) is not supported yet; train on one device"
             )
 
     def configure_optimizers(self):
@@ -258,15 +258,12 @@ class DurianGRPO(L.LightningModule):
         return _concat_prompts(taken, g)
 
     def _advantages(self, group: dict[str, Any]) -> dict[str, Any]:
-        """Advantages over the GLOBAL batch: gather every rank's rewards and scores, compute, keep this rank's rows."""
+        """Advantages of the rollout batch (one device: the batch is the global batch, see :meth:`setup`)."""
         hp = self.hparams
         g = hp.num_generations
         rewards = group["rewards"]
         confidence = group["sequence_logprob"].view(-1, g).mean(dim=1)
         entropy = group["visual_entropy"].to(rewards.dtype)
-        world = self.trainer.world_size if self._trainer is not None else 1
-        if world > 1:
-            rewards, confidence, entropy = (self.all_gather(t).reshape(-1) for t in (rewards, confidence, entropy))
         num_prompts = entropy.numel()
         prompt_index = torch.arange(num_prompts, device=rewards.device).repeat_interleave(g)
         details = None
@@ -283,13 +280,15 @@ class DurianGRPO(L.LightningModule):
         else:
             fn = {"grpo": grpo_advantages, "dr_grpo": dr_grpo_advantages, "batch": batch_std_advantages}[hp.estimator]
             advantages = fn(rewards, prompt_index, eps=hp.advantage_eps)
-        local = slice(self.global_rank * len(group["rewards"]), (self.global_rank + 1) * len(group["rewards"])) if world > 1 else slice(None)
+        grpo = details.grpo if details is not None else (
+            advantages if hp.estimator == "grpo" else grpo_advantages(rewards, prompt_index, eps=hp.advantage_eps)
+        )
         self.last_rollout = {
             "rewards": rewards.detach(),
             "prompt_index": prompt_index,
             "num_generations": g,
             "advantages": advantages.detach(),
-            "grpo_advantages": grpo_advantages(rewards, prompt_index, eps=hp.advantage_eps),
+            "grpo_advantages": grpo.detach(),
             "durian": details,
             "visual_entropy": entropy,
             "confidence": confidence,
@@ -297,7 +296,7 @@ class DurianGRPO(L.LightningModule):
             "reward_components": group["reward_components"],
             "ids": group["ids"],
         }
-        return {**group, "advantages": advantages[local].to(group["old_logprobs"].dtype)}
+        return {**group, "advantages": advantages.to(group["old_logprobs"].dtype)}
 
     def _optimize(self, update: dict[str, Any], mini_batch_size: int) -> None:
         hp = self.hparams
@@ -348,9 +347,7 @@ class DurianGRPO(L.LightningModule):
             kl_value = float(aggregate_loss(kl.detach(), mask, "token-mean"))
         loss = _aggregated_sum(token_loss, mask, cfg) / denominator
         with torch.no_grad():
-            ratio = torch.exp(logprobs - old)
-            adv = update["advantages"][chunk].unsqueeze(1)
-            clipped = ((ratio < 1 - cfg.eps_low) & (adv < 0)) | ((ratio > 1 + cfg.eps_high) & (adv > 0))
+            clipped = clipped_tokens(logprobs, old, update["advantages"][chunk], cfg.eps_low, cfg.eps_high)
             clip_fraction = float(aggregate_loss(clipped.float(), mask, "token-mean"))
         return loss, kl_value, clip_fraction
 
