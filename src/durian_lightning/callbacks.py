@@ -16,6 +16,11 @@ import torch
 from .difficulty import perceptual_groups
 
 
+def _log_dir(trainer) -> Path:
+    """The run's folder. ``Trainer.log_dir`` broadcasts from rank 0, so every rank must call this, not rank 0 alone."""
+    return Path(trainer.log_dir or trainer.default_root_dir)
+
+
 def rollout_statistics(last: dict[str, Any]) -> dict[str, float]:
     """Per-step statistics of a rollout batch (the paper's Appendix A, plus per-group detail for Durian).
 
@@ -75,9 +80,12 @@ class CompletionSamplesCallback(L.Callback):
         if last is None:
             return
         self.updates_seen += 1
-        if not trainer.is_global_zero or (self.updates_seen - 1) % self.every_n_steps:  # the 1st, then every n-th
+        if (self.updates_seen - 1) % self.every_n_steps:  # the 1st, then every n-th
             return
-        path = Path(trainer.log_dir or trainer.default_root_dir) / self.filename
+        folder = _log_dir(trainer)  # on every rank: Trainer.log_dir is a collective
+        if not trainer.is_global_zero:
+            return
+        path = folder / self.filename
         path.parent.mkdir(parents=True, exist_ok=True)
         g = last["num_generations"]
         samples = [
@@ -161,8 +169,8 @@ class ErrorVsDifficultyCallback(L.Callback):
         if not stats:
             return
         pl_module.log_dict(stats)
+        folder = _log_dir(trainer)  # on every rank: Trainer.log_dir is a collective
         if trainer.is_global_zero:
-            folder = Path(trainer.log_dir or trainer.default_root_dir)
             folder.mkdir(parents=True, exist_ok=True)
             title = f"error rate by entropy group (H0 simple .. H2 complex) and confidence decile (c0 least) - step {trainer.global_step}"
             draw_bar_chart(stats, folder / self.filename, title)

@@ -171,13 +171,13 @@ class DurianGRPO(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         if stage == "fit" and self.trainer.world_size > 1:
-            # DistributedDataParallel's reducer expects one backward per forward of its wrapper; an RL step runs a
-            # generate, several log-prob passes and one backward per micro-batch. Tried here: plain DDP fails with a
-            # gloo collective mismatch; an unwrapped module with a manual gradient all-reduce hung (to be debugged).
-            # Multi-process support also needs the batch statistics all-gathered in _advantages.
-            raise ValueError(
-                f"multi-process training (world size {self.trainer.world_size}) is not supported yet; train on one device"
-            )
+            from .strategy import RolloutDDPStrategy
+
+            if not isinstance(self.trainer.strategy, RolloutDDPStrategy):
+                raise ValueError(
+                    f"multi-process training needs --trainer.strategy ddp_rollout, got {type(self.trainer.strategy).__name__}: "
+                    "an RL step runs many backward passes, which DistributedDataParallel's reducer does not support"
+                )
 
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -258,12 +258,15 @@ class DurianGRPO(L.LightningModule):
         return _concat_prompts(taken, g)
 
     def _advantages(self, group: dict[str, Any]) -> dict[str, Any]:
-        """Advantages of the rollout batch (one device: the batch is the global batch, see :meth:`setup`)."""
+        """Advantages over the GLOBAL batch: every rank gathers all rewards and scores, computes, keeps its rows."""
         hp = self.hparams
         g = hp.num_generations
         rewards = group["rewards"]
         confidence = group["sequence_logprob"].view(-1, g).mean(dim=1)
         entropy = group["visual_entropy"].to(rewards.dtype)
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if world > 1:  # the statistics are over the global batch: every rank computes them all, then keeps its rows
+            rewards, confidence, entropy = (_gather(t, world) for t in (rewards, confidence, entropy))
         num_prompts = entropy.numel()
         prompt_index = torch.arange(num_prompts, device=rewards.device).repeat_interleave(g)
         details = None
@@ -296,7 +299,10 @@ class DurianGRPO(L.LightningModule):
             "reward_components": group["reward_components"],
             "ids": group["ids"],
         }
-        return {**group, "advantages": advantages.to(group["old_logprobs"].dtype)}
+        n = len(group["rewards"])
+        local = slice(self.global_rank * n, (self.global_rank + 1) * n) if world > 1 else slice(None)
+        self.last_rollout["local_advantages"] = advantages[local].detach()
+        return {**group, "advantages": advantages[local].to(group["old_logprobs"].dtype)}
 
     def _optimize(self, update: dict[str, Any], mini_batch_size: int) -> None:
         hp = self.hparams
@@ -320,6 +326,7 @@ class DurianGRPO(L.LightningModule):
                     total += float(loss.detach())
                     stats["kl"].append(kl)
                     stats["clip_fraction"].append(clipped)
+                self._average_gradients_across_ranks()
                 self.clip_gradients(optimizer, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
                 optimizer.step()
                 scheduler.step()
@@ -334,6 +341,17 @@ class DurianGRPO(L.LightningModule):
             **{f"train/reward_{k}": float(v.mean()) for k, v in update["reward_components"].items()},
         }, prog_bar=False)
         self.log("reward", float(rewards.mean()), prog_bar=True, logger=False)
+
+    def _average_gradients_across_ranks(self) -> None:
+        """Mean of every trainable gradient over ranks (the data-parallel update), in one flat all-reduce."""
+        if self.trainer.world_size <= 1:
+            return
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+        torch.distributed.all_reduce(flat)
+        flat /= self.trainer.world_size
+        for p, piece in zip(params, flat.split([p.numel() for p in params])):
+            p.grad = piece.view_as(p).clone()
 
     def _micro_loss(self, logprobs, update, chunk, mask, denominator):
         """This micro-batch's share of the mini-batch loss: its summed terms over the mini-batch's normalizer."""
@@ -433,9 +451,12 @@ class DurianGRPO(L.LightningModule):
     # ------------------------------------------------------------------------------------------ end of fit
 
     def on_fit_end(self) -> None:
-        if not self.hparams.use_lora or not self.trainer.is_global_zero:
+        if not self.hparams.use_lora:
             return
-        folder = self.hparams.adapter_dir or str(Path(self.trainer.log_dir or self.trainer.default_root_dir) / "adapter")
+        run_dir = self.trainer.log_dir or self.trainer.default_root_dir  # on every rank: log_dir is a collective
+        if not self.trainer.is_global_zero:
+            return
+        folder = self.hparams.adapter_dir or str(Path(run_dir) / "adapter")
         self.model.save_pretrained(folder)
         self.processor.save_pretrained(folder)
 
@@ -503,3 +524,10 @@ def _aggregation_denominator(mask: torch.Tensor, cfg: PolicyLossConfig) -> float
     if value == 0:
         raise ValueError("the mini-batch has no completion token: nothing to train on")
     return value
+
+
+def _gather(tensor: torch.Tensor, world: int) -> torch.Tensor:
+    """Concatenate a 1-D tensor of the same length from every rank, in rank order (no autograd)."""
+    out = torch.empty(world * tensor.numel(), dtype=tensor.dtype, device=tensor.device)
+    torch.distributed.all_gather_into_tensor(out, tensor.contiguous())
+    return out

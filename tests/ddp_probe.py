@@ -1,0 +1,30 @@
+"""A callback that writes what each DDP rank computed, for tests/test_ddp.py (runs inside the ranks)."""
+
+import json
+from pathlib import Path
+
+import lightning as L
+
+
+class DumpRolloutCallback(L.Callback):
+    def __init__(self, folder: str):
+        self.folder = Path(folder)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        last = pl_module.last_rollout
+        if last is None:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        record = {
+            "rank": trainer.global_rank,
+            "world_size": trainer.world_size,
+            "ids": list(batch["id"]),
+            "global_rewards": last["rewards"].tolist(),
+            "global_entropy": last["visual_entropy"].tolist(),
+            "global_confidence": last["confidence"].tolist(),
+            "global_advantages": last["advantages"].tolist(),
+            "local_advantages": last["local_advantages"].tolist(),
+            "lora_sums": [float(v.double().sum()) for k, v in sorted(pl_module.model.state_dict().items()) if "lora_" in k],
+        }
+        with open(self.folder / f"rank{trainer.global_rank}-step{trainer.global_step}.json", "w") as f:
+            json.dump(record, f)

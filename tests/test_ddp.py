@@ -1,0 +1,64 @@
+"""Lightning DDP on CPU (2 processes, gloo): every rank computes Durian over the global batch."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from durian_lightning.advantages import durian_advantages
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_ddp_ranks_compute_the_advantages_of_the_global_batch(tmp_path):
+    dump = tmp_path / "dump"
+    command = [
+        sys.executable, "-m", "durian_lightning.cli", "fit",
+        "--model.model_name_or_path", "tiny:llava",
+        "--model.num_generations", "4", "--model.max_new_tokens", "6", "--model.num_reasoning_groups", "3",
+        "--model.reward_functions", "[tests.test_training:length_reward]",
+        "--data.source", str(REPO / "data" / "synthetic"), "--data.batch_size", "3",
+        "--data.cache_dir", str(tmp_path / "entropy"), "--data.progress", "false",
+        "--trainer.strategy", "ddp_rollout", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
+        "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1", "--trainer.val_check_interval", "2",
+        "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path),
+        "--trainer.callbacks+=tests.ddp_probe.DumpRolloutCallback", f"--trainer.callbacks.folder={dump}",
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "DURIAN_CACHE": str(tmp_path / "cache")}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300, start_new_session=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for step in (1, 2):
+        ranks = [json.loads((dump / f"rank{r}-step{step}.json").read_text()) for r in (0, 1)]
+        assert all(r["world_size"] == 2 for r in ranks)
+        assert not set(ranks[0]["ids"]) & set(ranks[1]["ids"]), "each rank rolls out its own prompts"
+        # both ranks hold the global batch (2 ranks x 3 prompts x 4 rollouts) and the same advantages ...
+        assert ranks[0]["global_rewards"] == ranks[1]["global_rewards"] and len(ranks[0]["global_rewards"]) == 24
+        assert ranks[0]["global_advantages"] == ranks[1]["global_advantages"]
+        # ... which are what one process computes from that global batch
+        single = durian_advantages(
+            torch.tensor(ranks[0]["global_rewards"]), torch.arange(6).repeat_interleave(4),
+            visual_entropy=torch.tensor(ranks[0]["global_entropy"]),
+            confidence=torch.tensor(ranks[0]["global_confidence"]), num_reasoning_groups=3,
+        ).advantages
+        torch.testing.assert_close(torch.tensor(ranks[0]["global_advantages"]), single)
+        for r in ranks:  # each rank trains on its own rows of it
+            torch.testing.assert_close(torch.tensor(r["local_advantages"]), single[r["rank"] * 12 : (r["rank"] + 1) * 12])
+        # gradients are averaged across ranks, so both ranks hold the same adapter after every update
+        assert ranks[0]["lora_sums"] == ranks[1]["lora_sums"]
+    assert (tmp_path / "lightning_logs" / "version_0" / "adapter" / "adapter_config.json").is_file()
+
+
+def test_plain_ddp_is_refused_with_a_clear_error(tmp_path):
+    command = [
+        sys.executable, "-m", "durian_lightning.cli", "fit", "--model.model_name_or_path", "tiny:llava",
+        "--data.source", str(REPO / "data" / "synthetic"), "--data.cache_dir", str(tmp_path / "entropy"),
+        "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu", "--trainer.max_steps", "1",
+        "--trainer.default_root_dir", str(tmp_path),
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "DURIAN_CACHE": str(tmp_path / "cache")}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300, start_new_session=True)
+    assert result.returncode != 0
+    assert "needs --trainer.strategy ddp_rollout" in result.stderr
