@@ -10,7 +10,9 @@ orchestrates. Optimization is manual so that one rollout batch feeds several opt
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -146,6 +148,7 @@ class DurianGRPO(L.LightningModule):
         self.model = None
         self.processor = None
         self._frozen_reference: list = []  # a list keeps the copy out of the checkpoint and the optimizer
+        self._phase_seconds: dict[str, float] = {}
         self._pending: list[dict[str, Any]] = []  # dynamic sampling: informative prompts waiting for a full batch
         self.last_rollout: dict[str, Any] | None = None  # what the last update saw, for callbacks
         # accuracy overall and per perceptual group (0 simple .. 2 complex images), for validation and test
@@ -205,33 +208,48 @@ class DurianGRPO(L.LightningModule):
         mini_batch_size = hp.mini_batch_size or rollout_batch_size
         if rollout_batch_size % mini_batch_size:
             raise ValueError(f"mini_batch_size={mini_batch_size} must divide the rollout batch of {rollout_batch_size} prompts")
+        self._phase_seconds = {}
         group = self._rollout_and_score(batch)
         if hp.dynamic_sampling:
             group = self._dynamic_sampling(group, rollout_batch_size)
             if group is None:
                 return None
-        update = self._advantages(group)
-        self._optimize(update, mini_batch_size)
+        with self._timed("advantages"):
+            update = self._advantages(group)
+        with self._timed("policy_update"):
+            self._optimize(update, mini_batch_size)
+        self.log_dict({f"perf/{phase}_s": seconds for phase, seconds in self._phase_seconds.items()})
         return None
+
+    @contextlib.contextmanager
+    def _timed(self, phase: str):
+        """Wall time of a phase of the step, logged as perf/<phase>_s (the step's cost breakdown)."""
+        start = time.perf_counter()
+        yield
+        self._phase_seconds[phase] = self._phase_seconds.get(phase, 0.0) + time.perf_counter() - start
 
     def _rollout_and_score(self, batch: dict[str, Any]) -> dict[str, Any]:
         hp = self.hparams
-        rollout = generate_rollouts(
-            self.model, self.processor, batch["prompt"], batch["images"], hp.num_generations, self.sampling,
-            hp.max_prompt_length, batch["id"],
-        )
+        with self._timed("generate"):
+            rollout = generate_rollouts(
+                self.model, self.processor, batch["prompt"], batch["images"], hp.num_generations, self.sampling,
+                hp.max_prompt_length, batch["id"],
+            )
         g = hp.num_generations
         answers = [a for a in batch["answer"] for _ in range(g)]
         extra = {k: [v for v in values for _ in range(g)] for k, values in batch.items()
                  if k not in ("images", "prompt", "answer", "messages", "visual_entropy", "id", "problem")}
-        scores = self.reward(rollout.completions, answers, problem=[p for p in batch["problem"] for _ in range(g)], **extra)
+        with self._timed("reward"):
+            scores = self.reward(rollout.completions, answers, problem=[p for p in batch["problem"] for _ in range(g)], **extra)
         rows = torch.arange(len(rollout))
         with torch.no_grad():
-            old = torch.cat([completion_logprobs(self.model, self.processor, rollout, chunk, hp.temperature)
-                             for chunk in rows.split(hp.micro_batch_size)])
+            with self._timed("old_logprobs"):
+                old = torch.cat([completion_logprobs(self.model, self.processor, rollout, chunk, hp.temperature)
+                                 for chunk in rows.split(hp.micro_batch_size)])
             ref = None
             if self.loss_config.kl_coef > 0:
-                ref = torch.cat([self.reference_logprobs(rollout, chunk) for chunk in rows.split(hp.micro_batch_size)])
+                with self._timed("ref_logprobs"):
+                    ref = torch.cat([self.reference_logprobs(rollout, chunk) for chunk in rows.split(hp.micro_batch_size)])
         mask = rollout.completion_mask.to(old.device)
         return {
             "rollout": rollout,

@@ -12,6 +12,7 @@ function plugs in by import path (:func:`load_reward_function`) and several comb
 
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 import re
@@ -145,7 +146,10 @@ def _choice_letter(answer: str, pattern: re.Pattern) -> str | None:
     return found.group(1) if found else None
 
 
+@functools.lru_cache(maxsize=65536)
 def _symbolic_equal(predicted: str, gold: str) -> bool:
+    """math-verify's verdict, memoised: the G rollouts of a prompt repeat the same few answers, and parsing
+    LaTeX with sympy costs milliseconds each (it was the largest share of a tiny-model step before caching)."""
     if not HAS_MATH_VERIFY:
         return False
     # math-verify's timeout uses SIGALRM, which only the main thread may set
