@@ -176,6 +176,9 @@ class DurianGRPO(L.LightningModule):
         if stage == "fit" and self.trainer.world_size > 1:
             from .strategy import RolloutDDPStrategy
 
+            if self.hparams.dynamic_sampling:
+                # ranks would keep different numbers of prompts and update at different steps: collectives would desync
+                raise ValueError("dynamic_sampling is single-process for now; set devices=1 or dynamic_sampling=false")
             if not isinstance(self.trainer.strategy, RolloutDDPStrategy):
                 raise ValueError(
                     f"multi-process training needs --trainer.strategy ddp_rollout, got {type(self.trainer.strategy).__name__}: "
