@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from durian_lightning.cli import run_cli
-from durian_lightning.losses import PolicyLossConfig, aggregate_loss
+from durian_lightning.losses import aggregate_loss, aggregation_denominator, aggregation_numerator
 from durian_lightning.models import load_policy
-from durian_lightning.module import DurianGRPO, _aggregated_sum, _aggregation_denominator
+from durian_lightning.module import DurianGRPO
 from durian_lightning.rollout import SamplingConfig, completion_logprobs, completion_mask_after_eos, generate_rollouts
 
 REPO = Path(__file__).resolve().parents[1]
@@ -124,9 +124,8 @@ def test_micro_batches_add_up_to_the_mini_batch_loss(mode):
     token_loss = torch.randn(7, 5)
     mask = (torch.rand(7, 5) > 0.3).long()
     mask[3] = 0  # an empty completion
-    cfg = PolicyLossConfig(aggregation=mode)
-    denominator = _aggregation_denominator(mask, cfg)
-    pieces = sum(_aggregated_sum(token_loss[c], mask[c], cfg) for c in torch.arange(7).split(3)) / denominator
+    denominator = aggregation_denominator(mask, mode)
+    pieces = sum(aggregation_numerator(token_loss[c], mask[c], mode) for c in torch.arange(7).split(3)) / denominator
     assert pieces.item() == pytest.approx(aggregate_loss(token_loss, mask, mode).item(), rel=1e-6)
 
 

@@ -87,6 +87,40 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: KL
     raise ValueError(f"estimator must be 'k1', 'k2', 'k3' or 'low_var_kl', got {estimator!r}")
 
 
+def aggregation_numerator(
+    token_loss: torch.Tensor, mask: torch.Tensor, mode: Aggregation = "token-mean", normalizer: float | None = None
+) -> torch.Tensor:
+    """The summed part of an aggregation: over micro-batches, these add up; divide the total by
+    :func:`aggregation_denominator` of the whole batch to get :func:`aggregate_loss`."""
+    weights = mask.to(token_loss.dtype)
+    # where() rather than multiply: padded positions may hold inf or NaN (e.g. exp of a huge log-ratio)
+    masked = torch.where(weights > 0, token_loss * weights, torch.zeros_like(token_loss))
+    if mode == "token-mean":
+        return masked.sum()
+    if mode == "seq-mean-token-mean":  # a sequence with no real token adds 0 and is not counted below
+        return (masked.sum(dim=1) / weights.sum(dim=1).clamp_min(1)).sum()
+    if mode == "seq-mean-token-sum":
+        normalizer = float(token_loss.shape[1]) if normalizer is None else float(normalizer)
+        if not normalizer > 0:
+            raise ValueError(f"normalizer must be > 0, got {normalizer}")
+        return (masked.sum(dim=1) / normalizer).sum()
+    raise ValueError(f"mode must be 'token-mean', 'seq-mean-token-mean' or 'seq-mean-token-sum', got {mode!r}")
+
+
+def aggregation_denominator(mask: torch.Tensor, mode: Aggregation = "token-mean") -> float:
+    """What an aggregation divides by: real tokens, sequences with a real token, or all sequences."""
+    tokens_per_seq = mask.sum(dim=1)
+    if not bool((tokens_per_seq > 0).any()):
+        raise ValueError("the completion mask has no real token: the loss is undefined for an empty batch")
+    if mode == "token-mean":
+        return float(tokens_per_seq.sum())
+    if mode == "seq-mean-token-mean":
+        return float((tokens_per_seq > 0).sum())
+    if mode == "seq-mean-token-sum":
+        return float(mask.shape[0])
+    raise ValueError(f"mode must be 'token-mean', 'seq-mean-token-mean' or 'seq-mean-token-sum', got {mode!r}")
+
+
 def aggregate_loss(
     token_loss: torch.Tensor,
     mask: torch.Tensor,
@@ -100,24 +134,7 @@ def aggregate_loss(
     """
     if tuple(token_loss.shape) != tuple(mask.shape) or token_loss.dim() != 2:
         raise ValueError(f"token_loss and mask must both be (N, T); got {tuple(token_loss.shape)} and {tuple(mask.shape)}")
-    weights = mask.to(token_loss.dtype)
-    tokens_per_seq = weights.sum(dim=1)
-    if not bool((tokens_per_seq > 0).any()):
-        raise ValueError("the completion mask has no real token: the loss is undefined for an empty batch")
-    # where() rather than multiply: padded positions may hold inf or NaN (e.g. exp of a huge log-ratio)
-    masked = torch.where(weights > 0, token_loss * weights, torch.zeros_like(token_loss))
-    if mode == "token-mean":
-        return masked.sum() / weights.sum()
-    if mode == "seq-mean-token-mean":
-        has_tokens = tokens_per_seq > 0
-        per_seq = masked.sum(dim=1)[has_tokens] / tokens_per_seq[has_tokens]
-        return per_seq.mean()
-    if mode == "seq-mean-token-sum":
-        normalizer = float(token_loss.shape[1]) if normalizer is None else float(normalizer)
-        if not normalizer > 0:
-            raise ValueError(f"normalizer must be > 0, got {normalizer}")
-        return (masked.sum(dim=1) / normalizer).mean()
-    raise ValueError(f"mode must be 'token-mean', 'seq-mean-token-mean' or 'seq-mean-token-sum', got {mode!r}")
+    return aggregation_numerator(token_loss, mask, mode, normalizer) / aggregation_denominator(mask, mode)
 
 
 @dataclass(frozen=True)

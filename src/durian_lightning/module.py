@@ -22,7 +22,15 @@ import torchmetrics
 
 from .advantages import batch_std_advantages, dr_grpo_advantages, durian_advantages, grpo_advantages
 from .difficulty import perceptual_groups, sequence_logprob
-from .losses import PolicyLossConfig, aggregate_loss, clipped_surrogate, clipped_tokens, kl_penalty
+from .losses import (
+    PolicyLossConfig,
+    aggregate_loss,
+    aggregation_denominator,
+    aggregation_numerator,
+    clipped_surrogate,
+    clipped_tokens,
+    kl_penalty,
+)
 from .models.loading import DEFAULT_LORA_TARGETS, load_policy
 from .rewards import WeightedReward, load_reward_function
 from .rollout import SamplingConfig, completion_logprobs, generate_rollouts
@@ -338,7 +346,7 @@ class DurianGRPO(L.LightningModule):
             for first in range(0, num_prompts, mini_batch_size):
                 rows = torch.arange(first * g, min(num_prompts, first + mini_batch_size) * g)
                 optimizer.zero_grad()
-                denominator = _aggregation_denominator(mask[rows], self.loss_config)
+                denominator = aggregation_denominator(mask[rows], self.loss_config.aggregation)
                 total = 0.0
                 for chunk in rows.split(hp.micro_batch_size):
                     logprobs = completion_logprobs(self.model, self.processor, rollout, chunk, hp.temperature)
@@ -384,7 +392,7 @@ class DurianGRPO(L.LightningModule):
             kl = kl_penalty(logprobs, update["ref_logprobs"][chunk], cfg.kl_estimator)
             token_loss = token_loss + cfg.kl_coef * kl
             kl_value = float(aggregate_loss(kl.detach(), mask, "token-mean"))
-        loss = _aggregated_sum(token_loss, mask, cfg) / denominator
+        loss = aggregation_numerator(token_loss, mask, cfg.aggregation, cfg.normalizer) / denominator
         with torch.no_grad():
             clipped = clipped_tokens(logprobs, old, update["advantages"][chunk], cfg.eps_low, cfg.eps_high)
             clip_fraction = float(aggregate_loss(clipped.float(), mask, "token-mean"))
@@ -404,10 +412,14 @@ class DurianGRPO(L.LightningModule):
     def on_test_epoch_start(self) -> None:
         self.eval_records = []
 
-    def _evaluate(self, batch: dict[str, Any], stage: str) -> None:
+    def _generate_and_score_once(self, batch: dict[str, Any]):
+        """One evaluation completion per prompt (greedy unless ``eval_do_sample``) and its reward scores."""
         rollout = generate_rollouts(self.model, self.processor, batch["prompt"], batch["images"], 1, self.eval_sampling,
                                     self.hparams.max_prompt_length, batch["id"])
-        scores = self.reward(rollout.completions, list(batch["answer"]))
+        return rollout, self.reward(rollout.completions, list(batch["answer"]))
+
+    def _evaluate(self, batch: dict[str, Any], stage: str) -> None:
+        rollout, scores = self._generate_and_score_once(batch)
         correct = scores.components.get("accuracy", scores.total)
         with torch.no_grad():
             logprobs = completion_logprobs(self.model, self.processor, rollout, range(len(rollout)))
@@ -443,9 +455,7 @@ class DurianGRPO(L.LightningModule):
         """Greedy (or ``eval_do_sample``) completions with their extracted answers and rewards."""
         from .rewards import extract_answer
 
-        rollout = generate_rollouts(self.model, self.processor, batch["prompt"], batch["images"], 1, self.eval_sampling,
-                                    self.hparams.max_prompt_length, batch["id"])
-        scores = self.reward(rollout.completions, list(batch["answer"]))
+        rollout, scores = self._generate_and_score_once(batch)
         return [
             {"id": batch["id"][i], "completion": rollout.completions[i], "prediction": extract_answer(rollout.completions[i]),
              "answer": batch["answer"][i], "reward": float(scores.total[i])}
@@ -519,32 +529,6 @@ def _concat_prompts(items: list[dict[str, Any]], g: int) -> dict[str, Any]:
         "visual_entropy": torch.stack([item["entropy"] for item in items]),
         "ids": [item["id"] for item in items],
     }
-
-
-def _aggregated_sum(token_loss: torch.Tensor, mask: torch.Tensor, cfg: PolicyLossConfig) -> torch.Tensor:
-    """The numerator of the configured aggregation for these rows (so micro-batches add up to the mini-batch loss)."""
-    weights = mask.to(token_loss.dtype)
-    masked = torch.where(weights > 0, token_loss * weights, torch.zeros_like(token_loss))
-    if cfg.aggregation == "token-mean":
-        return masked.sum()
-    if cfg.aggregation == "seq-mean-token-mean":
-        tokens = weights.sum(dim=1)
-        return (masked.sum(dim=1) / tokens.clamp_min(1)).sum()
-    normalizer = cfg.normalizer or float(token_loss.shape[1])
-    return (masked.sum(dim=1) / normalizer).sum()
-
-
-def _aggregation_denominator(mask: torch.Tensor, cfg: PolicyLossConfig) -> float:
-    """The denominator of the configured aggregation over a whole mini-batch."""
-    if cfg.aggregation == "token-mean":
-        value = float(mask.sum())
-    elif cfg.aggregation == "seq-mean-token-mean":
-        value = float((mask.sum(dim=1) > 0).sum())
-    else:
-        value = float(mask.shape[0])
-    if value == 0:
-        raise ValueError("the mini-batch has no completion token: nothing to train on")
-    return value
 
 
 def _gather(tensor: torch.Tensor, world: int) -> torch.Tensor:
