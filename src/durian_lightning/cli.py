@@ -14,7 +14,6 @@ from lightning.pytorch.cli import LightningCLI
 from .callbacks import CompletionSamplesCallback, DifficultyStatsCallback, ErrorVsDifficultyCallback
 from .data import MultimodalReasoningDataModule
 from .module import DurianGRPO
-from .strategy import register as register_strategy
 
 TRAINER_DEFAULTS = {
     "max_epochs": 1,
@@ -44,7 +43,6 @@ def run_cli(args: list[str] | None = None, default_config: bool = True) -> Duria
     every ``--config`` / flag overrides it.
     """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    register_strategy()  # --trainer.strategy ddp_rollout
     parser_kwargs = {}
     if default_config and DEFAULT_CONFIG.is_file():
         parser_kwargs = {cmd: {"default_config_files": [str(DEFAULT_CONFIG)]} for cmd in ("fit", "validate", "test", "predict")}

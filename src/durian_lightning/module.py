@@ -182,15 +182,16 @@ class DurianGRPO(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         if stage == "fit" and self.trainer.world_size > 1:
-            from .strategy import RolloutDDPStrategy
+            from lightning.pytorch.strategies import DDPStrategy
 
             if self.hparams.dynamic_sampling:
                 # ranks would keep different numbers of prompts and update at different steps: collectives would desync
                 raise ValueError("dynamic_sampling is single-process for now; set devices=1 or dynamic_sampling=false")
-            if not isinstance(self.trainer.strategy, RolloutDDPStrategy):
+            if not isinstance(self.trainer.strategy, DDPStrategy):
+                # FSDP / DeepSpeed shard gradients, which the one flat all-reduce per optimizer step does not handle
                 raise ValueError(
-                    f"multi-process training needs --trainer.strategy ddp_rollout, got {type(self.trainer.strategy).__name__}: "
-                    "an RL step runs many backward passes, which DistributedDataParallel's reducer does not support"
+                    f"multi-process training supports --trainer.strategy ddp, got {type(self.trainer.strategy).__name__} "
+                    "(see the README's 'Several processes' section for FSDP / DeepSpeed)"
                 )
 
     def configure_optimizers(self):
@@ -351,7 +352,8 @@ class DurianGRPO(L.LightningModule):
                 for chunk in rows.split(hp.micro_batch_size):
                     logprobs = completion_logprobs(self.model, self.processor, rollout, chunk, hp.temperature)
                     loss, kl, clipped = self._micro_loss(logprobs, update, chunk, mask[chunk], denominator)
-                    self.manual_backward(loss)
+                    with self._local_backward():
+                        self.manual_backward(loss)
                     total += float(loss.detach())
                     stats["kl"].append(kl)
                     stats["clip_fraction"].append(clipped)
@@ -370,6 +372,12 @@ class DurianGRPO(L.LightningModule):
             **{f"train/reward_{k}": float(v.mean()) for k, v in update["reward_components"].items()},
         }, prog_bar=False)
         self.log("reward", float(rewards.mean()), prog_bar=True, logger=False)
+
+    def _local_backward(self):
+        """DistributedDataParallel would all-reduce in every backward (one per micro-batch); keep gradients local and
+        average them once per optimizer step in :meth:`_average_gradients_across_ranks` instead."""
+        block = getattr(self.trainer.strategy, "block_backward_sync", None)
+        return block() if block is not None else contextlib.nullcontext()
 
     def _average_gradients_across_ranks(self) -> None:
         """Mean of every trainable gradient over ranks (the data-parallel update), in one flat all-reduce."""
