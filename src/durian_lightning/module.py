@@ -191,7 +191,7 @@ class DurianGRPO(L.LightningModule):
                 # FSDP / DeepSpeed shard gradients, which the one flat all-reduce per optimizer step does not handle
                 raise ValueError(
                     f"multi-process training supports --trainer.strategy ddp, got {type(self.trainer.strategy).__name__} "
-                    "(see the README's 'Several processes' section for FSDP / DeepSpeed)"
+                    "(FSDP / DeepSpeed: see the README section 'Larger models')"
                 )
 
     def configure_optimizers(self):

@@ -1,0 +1,237 @@
+"""Time per optimizer step and peak memory: DurianGRPO against TRL's GRPOTrainer on the same tiny VLM and batch.
+
+    .venv/bin/pip install -e ".[bench]"          # TRL is a benchmark-only extra
+    .venv/bin/python benchmarks/bench_vs_trl.py [--steps 12] [--warmup 3] [--repeats 3] [--json out.json]
+
+Both sides train the offline default model (tiny:llava-format, float32, CPU or one GPU) from the same weights, with
+the same LoRA (r 16, alpha 32, the default config's target modules), 8 prompts x G = 8 rollouts per optimizer step in
+one micro-batch, max_new_tokens 24, temperature 1, lr 1e-3, no KL term (so neither side runs a reference pass), the
+GRPO loss (clip 0.2, per-sequence token mean), one pass over each rollout batch and the same reward function
+(0.1 format + 0.9 accuracy). Sides:
+
+* ``ours-grpo``   DurianGRPO with estimator=grpo (the same algorithm as TRL's)
+* ``ours-durian`` DurianGRPO with estimator=durian (adds the confidence grouping; entropies come from the cache)
+* ``trl-grpo``    trl.GRPOTrainer with scale_rewards="group", loss_type="grpo", beta=0
+
+Every side runs in its own process (peak memory is per process), the sides alternate ``--repeats`` times, and the
+report gives the median step time over all timed steps of all repeats, the median peak memory and the ratios to TRL.
+Step time is the wall time from the start of an optimizer step (batch in hand) to its end: generation, reward,
+log-prob passes, advantages, backward and the AdamW step. Peak memory is the process's peak resident set on CPU
+(it includes the Python runtime and imports) or torch's peak allocated memory on a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL = "tiny:llava-format"
+PROMPTS, G, MAX_NEW_TOKENS, LR = 8, 8, 24, 1e-3
+LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0,
+            target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)")
+SIDES = ("ours-grpo", "ours-durian", "trl-grpo")
+
+
+def _peak_memory_mb() -> float:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+class _Timer:
+    """Wall time of each optimizer step (CUDA synchronised) and the mean completion length of each step's rollouts
+    (the step's cost grows with it, and the two sides' policies drift apart as they train)."""
+
+    def __init__(self):
+        self.seconds: list[float] = []
+        self.lengths: list[float] = []
+        self._start = 0.0
+
+    def start(self) -> None:
+        _synchronize()
+        self._start = time.perf_counter()
+
+    def stop(self) -> None:
+        _synchronize()
+        self.seconds.append(time.perf_counter() - self._start)
+
+
+def _data():
+    """The bundled synthetic data with the default prompts, entropies from the policy's encoder (cached)."""
+    from durian_lightning.data import MultimodalReasoningDataModule
+
+    return MultimodalReasoningDataModule(source=str(REPO / "data" / "synthetic"), model_name_or_path=MODEL,
+                                         batch_size=PROMPTS, progress=False)
+
+
+def run_ours(estimator: str, steps: int, root: str) -> dict:
+    import lightning as L
+
+    from durian_lightning import DurianGRPO
+
+    timer = _Timer()
+
+    class StepTimer(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            timer.start()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            timer.stop()
+            timer.lengths.append(float(trainer.callback_metrics["train/completion_length"]))
+
+    module = DurianGRPO(
+        model_name_or_path=MODEL, estimator=estimator, loss_preset="grpo", kl_coef=0.0, num_generations=G,
+        max_new_tokens=MAX_NEW_TOKENS, temperature=1.0, learning_rate=LR, micro_batch_size=PROMPTS * G,
+        lora_r=LORA["r"], lora_alpha=LORA["lora_alpha"], lora_dropout=LORA["lora_dropout"],
+        lora_target_modules=LORA["target_modules"], num_reasoning_groups=4, adapter_dir=f"{root}/adapter",
+    )
+    trainer = L.Trainer(
+        accelerator="gpu" if _has_cuda() else "cpu", devices=1, max_steps=steps, limit_val_batches=0, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[StepTimer()],
+        default_root_dir=root,
+    )
+    trainer.fit(module, datamodule=_data())
+    return {"step_seconds": timer.seconds, "completion_lengths": timer.lengths, "peak_memory_mb": _peak_memory_mb()}
+
+
+def run_trl(steps: int, root: str) -> dict:
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from durian_lightning.models.loading import resolve_model_path
+    from durian_lightning.rewards import WeightedReward
+
+    data = _data()
+    data.prepare_data()
+    data.setup("fit")
+    rows = []
+    for item in data.dataset("train"):  # the very prompts our module sees: same system prompt, instruction, images
+        messages = [  # Arrow wants every message content as a list of parts (the chat template renders both forms)
+            {**m, "content": [{"type": "text", "text": m["content"]}]} if isinstance(m["content"], str) else m
+            for m in item["messages"]
+        ]
+        rows.append({"prompt": messages, "images": item["images"], "answer": item["answer"]})
+    dataset = Dataset.from_list(rows)
+    reward = WeightedReward.paper_default()
+
+    def paper_reward(completions, answer, **_):
+        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        return reward(texts, list(answer)).total.tolist()
+
+    timer = _Timer()
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            timer.start()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            timer.stop()
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "completions/mean_length" in logs:
+                timer.lengths.append(float(logs["completions/mean_length"]))
+
+    path = resolve_model_path(MODEL)
+    config = GRPOConfig(
+        output_dir=root, per_device_train_batch_size=PROMPTS * G, gradient_accumulation_steps=1, num_generations=G,
+        max_completion_length=MAX_NEW_TOKENS, temperature=1.0, learning_rate=LR, lr_scheduler_type="constant",
+        beta=0.0, num_iterations=1, epsilon=0.2, loss_type="grpo", scale_rewards="group", max_grad_norm=1.0,
+        max_steps=steps, logging_steps=1, save_strategy="no", report_to=[], use_cpu=not _has_cuda(), bf16=False,
+        dataloader_num_workers=0, seed=0, disable_tqdm=True,
+        gradient_checkpointing=False,  # as ours; TRL defaults to True, which also turns off the KV cache in generate
+    )
+    trainer = GRPOTrainer(
+        model=AutoModelForImageTextToText.from_pretrained(path), processing_class=AutoProcessor.from_pretrained(path),
+        reward_funcs=paper_reward, args=config, train_dataset=dataset, peft_config=LoraConfig(**LORA),
+        callbacks=[StepTimer()],
+    )
+    trainer.train()
+    return {"step_seconds": timer.seconds, "completion_lengths": timer.lengths, "peak_memory_mb": _peak_memory_mb()}
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _synchronize() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def run_side(side: str, steps: int) -> dict:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    with tempfile.TemporaryDirectory() as root:
+        if side == "trl-grpo":
+            return run_trl(steps, root)
+        return run_ours(side.split("-", 1)[1], steps, root)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=12, help="timed optimizer steps per run")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (allocator, caches)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per side, the sides alternating")
+    parser.add_argument("--sides", nargs="+", default=list(SIDES), choices=SIDES)
+    parser.add_argument("--json", default=None, help="also write the figures to this file")
+    parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # one run, in its own process
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.side:
+        result = run_side(args.side, args.warmup + args.steps)
+        result["step_seconds"] = result["step_seconds"][args.warmup:]
+        result["completion_lengths"] = result["completion_lengths"][args.warmup:]
+        Path(args.out).write_text(json.dumps(result))
+        return
+    runs: dict[str, list[dict]] = {side: [] for side in args.sides}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    with tempfile.TemporaryDirectory() as tmp:
+        for repeat in range(args.repeats):
+            for side in args.sides:
+                out = Path(tmp) / f"{side}-{repeat}.json"
+                command = [sys.executable, __file__, "--side", side, "--steps", str(args.steps),
+                           "--warmup", str(args.warmup), "--out", str(out)]
+                done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+                if done.returncode != 0:
+                    raise SystemExit(f"{side} failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
+                runs[side].append(json.loads(out.read_text()))
+                step = statistics.median(runs[side][-1]["step_seconds"])
+                print(f"repeat {repeat + 1}/{args.repeats} {side}: median step {step:.3f} s", file=sys.stderr, flush=True)
+    report = {}
+    for side, results in runs.items():
+        report[side] = {
+            "median_step_s": statistics.median(s for r in results for s in r["step_seconds"]),
+            "median_peak_memory_mb": statistics.median(r["peak_memory_mb"] for r in results),
+            "mean_completion_tokens": statistics.mean(x for r in results for x in r["completion_lengths"]),
+        }
+    if "trl-grpo" in report:
+        trl = report["trl-grpo"]
+        for side, row in report.items():
+            row["step_time_vs_trl"] = row["median_step_s"] / trl["median_step_s"]
+            row["peak_memory_vs_trl"] = row["median_peak_memory_mb"] / trl["median_peak_memory_mb"]
+    report["settings"] = {"model": MODEL, "prompts": PROMPTS, "G": G, "max_new_tokens": MAX_NEW_TOKENS,
+                          "timed_steps": args.steps, "warmup_steps": args.warmup, "repeats": args.repeats,
+                          "device": "cuda" if _has_cuda() else "cpu"}
+    print(json.dumps(report, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

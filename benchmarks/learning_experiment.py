@@ -1,0 +1,263 @@
+"""The learning experiment: every advantage estimator on the bundled synthetic task, several seeds, same compute.
+
+    .venv/bin/python benchmarks/learning_experiment.py                 # all configs x seeds 0 1 2, then the report
+    .venv/bin/python benchmarks/learning_experiment.py --report-only   # redraw the report from finished runs
+
+Each (config, seed) is one `durian fit` on the offline default (configs/default.yaml: tiny LLaVA-style VLM with the
+format warm-start, G = 8, 8 prompts per step, LoRA, lr 1e-3) for ``--epochs`` epochs (default 6: 300 steps), followed by a greedy test
+evaluation, in its own process with one torch thread (two such processes side by side use a 2-core CPU better than
+one process with two threads). Every run sees the same prompts in the same number of rollouts, so compute is equal;
+with DAPO's dynamic sampling fewer of those rollouts turn into updates.
+
+A finished run leaves ``runs/<config>-seed<k>.json``; rerunning skips it, so an interrupted experiment resumes.
+The report (``summary.json``, ``learning_curves.png``, the markdown tables printed at the end) reads only those files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+GRPO_LOSS = ["--model.loss_preset", "grpo", "--model.kl_coef", "0.0"]  # the default config's loss (no KL, as on CPU)
+DAPO_LOSS = ["--model.loss_preset", "dapo", "--model.dynamic_sampling", "true"]
+CONFIGS: dict[str, list[str]] = {
+    "grpo": ["--model.estimator", "grpo", *GRPO_LOSS],
+    "dr_grpo": ["--model.estimator", "dr_grpo", *GRPO_LOSS],
+    "batch_std": ["--model.estimator", "batch", *GRPO_LOSS],
+    # Durian's variants keep alpha_ori = 0.1 and give the rest to one or both difficulty axes
+    "durian_perceptual": ["--model.estimator", "durian", "--model.alphas", "[0.1, 0.9, 0.0]", *GRPO_LOSS],
+    "durian_reasoning": ["--model.estimator", "durian", "--model.alphas", "[0.1, 0.0, 0.9]", *GRPO_LOSS],
+    "durian": ["--model.estimator", "durian", "--model.alphas", "[0.1, 0.2, 0.7]", *GRPO_LOSS],
+    "dapo": ["--model.estimator", "grpo", *DAPO_LOSS],
+    "durian_dapo": ["--model.estimator", "durian", "--model.alphas", "[0.1, 0.2, 0.7]", *DAPO_LOSS],
+}
+
+
+# ------------------------------------------------------------------------------------------------ one run
+
+
+def run_one(name: str, seed: int, epochs: int, out: Path) -> dict:
+    """Train one config with one seed, evaluate on the test split, and summarise the run's metrics."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from durian_lightning.callbacks import error_by_difficulty
+    from durian_lightning.cli import run_cli
+
+    run_dir = out / "logs" / f"{name}-seed{seed}"
+    shutil.rmtree(run_dir, ignore_errors=True)  # an interrupted attempt's metrics must not mix into this one
+    start = time.perf_counter()
+    cli = run_cli([
+        "fit", *CONFIGS[name], "--seed_everything", str(seed), "--trainer.max_epochs", str(epochs),
+        "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", str(run_dir),
+        "--trainer.logger.name", "", "--trainer.logger.version", "", "--trainer.enable_progress_bar", "false",
+        "--trainer.enable_checkpointing", "false", "--trainer.enable_model_summary", "false",
+        "--data.source", str(REPO / "data" / "synthetic"), "--data.progress", "false",
+    ])
+    fit_seconds = time.perf_counter() - start
+    test = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)[0]
+    thresholds = cli.datamodule.entropy_thresholds(cli.model.hparams.percentiles)
+    records = cli.model.eval_records
+    question_type = _question_types(REPO / "data" / "synthetic" / "test.jsonl")
+    by_type: dict[str, list[float]] = {}
+    for r in records:
+        by_type.setdefault(question_type[r["id"]], []).append(r["correct"])
+    rows = list(csv.DictReader(open(run_dir / "metrics.csv")))
+
+    def series(key: str) -> list[tuple[int, float]]:
+        return [(int(r["step"]), float(r[key])) for r in rows if r.get(key) not in (None, "")]
+
+    kept = series("train/dynamic_sampling_kept")  # with dynamic sampling: the informative share of EVERY batch
+    all_equal = [(s, 1.0 - v) for s, v in kept] if kept else series("difficulty/all_equal_ratio")
+    result = {
+        "config": name, "seed": seed, "epochs": epochs, "fit_seconds": fit_seconds,
+        "updates": len(series("train/loss")),
+        "val_curve": series("val/accuracy"),
+        "train_accuracy_curve": series("train/reward_accuracy"),
+        "all_equal_curve": all_equal,
+        # over the prompts that were updated on (with dynamic sampling: the informative ones only)
+        "extreme_curve": series("difficulty/extreme_ratio"),
+        "test_accuracy": test["test/accuracy"],
+        "test_accuracy_by_perceptual_group": {k: test.get(f"test/accuracy_perceptual_{k}") for k in range(3)},
+        "test_accuracy_by_question_type": {k: sum(v) / len(v) for k, v in sorted(by_type.items())},
+        "test_error_by_difficulty": error_by_difficulty(records, thresholds),
+    }
+    result["final_val_accuracy"] = result["val_curve"][-1][1]
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    path = out / "runs" / f"{name}-seed{seed}.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(path)  # a run either finished or left nothing
+    return result
+
+
+def _question_types(jsonl: Path) -> dict[str, str]:
+    with open(jsonl) as f:
+        return {row["id"]: row["question_type"] for row in map(json.loads, f)}
+
+
+# ------------------------------------------------------------------------------------------------ the sweep
+
+
+def sweep(configs: list[str], seeds: list[int], epochs: int, workers: int, out: Path) -> None:
+    """Run every missing (config, seed) in ``workers`` processes of one torch thread each, showing progress."""
+    from durian_lightning.models.loading import resolve_model_path
+
+    resolve_model_path("tiny:llava-format")  # build the shared tiny model once, before processes race for it
+    todo = [(c, s) for s in seeds for c in configs if not (out / "runs" / f"{c}-seed{s}.json").is_file()]
+    total, done, running = len(todo), 0, []
+    print(f"{total} runs to do ({len(configs) * len(seeds) - total} already finished) in {out}", flush=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    start = time.perf_counter()
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    while todo or running:
+        while todo and len(running) < workers:
+            config, seed = todo.pop(0)
+            log = open(out / "logs" / f"{config}-seed{seed}.log", "w")
+            command = [sys.executable, __file__, "--one", config, "--seed", str(seed), "--epochs", str(epochs), "--out", str(out)]
+            running.append((config, seed, subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT), log))
+        time.sleep(2)
+        for item in list(running):
+            config, seed, process, log = item
+            if process.poll() is None:
+                continue
+            running.remove(item)
+            log.close()
+            done += 1
+            status = "ok" if process.returncode == 0 else f"FAILED (exit {process.returncode}, see logs/{config}-seed{seed}.log)"
+            elapsed = time.perf_counter() - start
+            eta = elapsed / done * (total - done)
+            print(f"[{done}/{total}] {config} seed {seed}: {status}  elapsed {elapsed / 60:.1f} min, eta {eta / 60:.1f} min", flush=True)
+
+
+# ------------------------------------------------------------------------------------------------ the report
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return mean, std
+
+
+def _window_mean(curve: list[tuple[int, float]], first: int, last: int) -> float | None:
+    values = [v for s, v in curve if first <= s < last]
+    return sum(values) / len(values) if values else None
+
+
+def report(configs: list[str], out: Path) -> dict:
+    runs: dict[str, list[dict]] = {}
+    for config in configs:
+        for path in sorted((out / "runs").glob(f"{config}-seed*.json")):
+            runs.setdefault(config, []).append(json.loads(path.read_text()))
+    summary = {}
+    for config, results in runs.items():
+        steps = max(s for r in results for s, _ in r["train_accuracy_curve"]) + 1
+        epoch = steps // results[0]["epochs"]
+        row = {"seeds": [r["seed"] for r in results], "updates": _mean_std([r["updates"] for r in results])[0]}
+        for key in ("final_val_accuracy", "test_accuracy", "fit_seconds"):
+            row[key] = _mean_std([r[key] for r in results])
+        row["val_accuracy_after_epoch_1"] = _mean_std([r["val_curve"][0][1] for r in results])
+        # the sampled policy's accuracy: less coarse than one greedy answer per question
+        row["train_accuracy_first_epoch"] = _mean_std([_window_mean(r["train_accuracy_curve"], 0, epoch) for r in results])
+        row["train_accuracy_last_epoch"] = _mean_std([_window_mean(r["train_accuracy_curve"], steps - epoch, steps) for r in results])
+        for key, curve in (("all_equal", "all_equal_curve"), ("extreme", "extreme_curve")):
+            for label, (a, b) in (("first_epoch", (0, epoch)), ("last_epoch", (steps - epoch, steps))):
+                values = [v for r in results if (v := _window_mean(r[curve], a, b)) is not None]
+                row[f"{key}_{label}"] = _mean_std(values) if values else None
+        for key in ("test_error_by_difficulty", "test_accuracy_by_question_type"):
+            names = sorted({k for r in results for k in r[key]})
+            row[key] = {k: _mean_std([r[key][k] for r in results if k in r[key]]) for k in names}
+        summary[config] = row
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    _draw(runs, out / "learning_curves.png")
+    print(_markdown(summary))
+    return summary
+
+
+def _markdown(summary: dict) -> str:
+    def ms(pair) -> str:
+        return "n/a" if pair is None else f"{pair[0]:.3f} ± {pair[1]:.3f}"
+
+    lines = ["| config | updates | val accuracy after epoch 1 | final val accuracy | test accuracy "
+             "| sampled train accuracy (first → last epoch) | all-equal (first → last epoch) "
+             "| 1-vs-(G-1) (first → last epoch) | fit time (s) |", "|---|---|---|---|---|---|---|---|---|"]
+    for config, row in summary.items():
+        lines.append(
+            f"| {config} | {row['updates']:.0f} | {ms(row['val_accuracy_after_epoch_1'])} | {ms(row['final_val_accuracy'])} | "
+            f"{ms(row['test_accuracy'])} | {ms(row['train_accuracy_first_epoch'])} → {ms(row['train_accuracy_last_epoch'])} | "
+            f"{ms(row['all_equal_first_epoch'])} → {ms(row['all_equal_last_epoch'])} | "
+            f"{ms(row['extreme_first_epoch'])} → {ms(row['extreme_last_epoch'])} | {row['fit_seconds'][0]:.0f} |"
+        )
+    entropy = sorted({k for row in summary.values() for k in row["test_error_by_difficulty"] if "entropy_group" in k})
+    lines += ["", "Test error by perceptual group (entropy terciles 25/50/25 %, dataset thresholds), mean over seeds:", "",
+              "| config | " + " | ".join(f"H group {k.rsplit('_', 1)[1]}" for k in entropy) + " | color | count | sum | total |",
+              "|---|" + "---|" * (len(entropy) + 4)]
+    for config, row in summary.items():
+        errors = row["test_error_by_difficulty"]
+        types = row["test_accuracy_by_question_type"]
+        lines.append(f"| {config} | " + " | ".join(f"{errors[k][0]:.2f}" for k in entropy) + " | "
+                     + " | ".join(f"{1 - types[t][0]:.2f}" if t in types else "n/a" for t in ("color", "count", "sum", "total")) + " |")
+    return "\n".join(lines)
+
+
+def _draw(runs: dict[str, list[dict]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    for config, results in runs.items():
+        style = "-" if "durian" in config else "--"
+        steps = [s for s, _ in results[0]["val_curve"]]
+        mean = [sum(r["val_curve"][i][1] for r in results) / len(results) for i in range(len(steps))]
+        axes[0].plot(steps, mean, style, marker="o", label=config)
+        axes[1].plot(*_smoothed_mean([r["train_accuracy_curve"] for r in results]), style, label=config)
+        axes[2].plot(*_smoothed_mean([r["all_equal_curve"] for r in results]), style, label=config)
+    axes[0].set(title="validation accuracy (greedy, mean over seeds)", xlabel="step")
+    axes[1].set(title="train accuracy reward (sampled, 20-step mean)", xlabel="step")
+    axes[2].set(title="share of prompts with all-equal rewards (20-step mean)", xlabel="step")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+def _smoothed_mean(curves: list[list[tuple[int, float]]], window: int = 20) -> tuple[list[int], list[float]]:
+    by_step: dict[int, list[float]] = {}
+    for curve in curves:
+        for s, v in curve:
+            by_step.setdefault(s, []).append(v)
+    steps = sorted(by_step)
+    means = [sum(by_step[s]) / len(by_step[s]) for s in steps]
+    smooth = [sum(means[max(0, i - window + 1): i + 1]) / len(means[max(0, i - window + 1): i + 1]) for i in range(len(means))]
+    return steps, smooth
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--workers", type=int, default=2, help="runs side by side, one torch thread each")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "learning")
+    parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--one", choices=list(CONFIGS), help=argparse.SUPPRESS)  # a single run (used by the sweep)
+    parser.add_argument("--seed", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        run_one(args.one, args.seed, args.epochs, args.out)
+        return
+    if not args.report_only:
+        sweep(args.configs, args.seeds, args.epochs, args.workers, args.out)
+    report(args.configs, args.out)
+
+
+if __name__ == "__main__":
+    main()
