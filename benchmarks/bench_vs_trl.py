@@ -14,10 +14,10 @@ GRPO loss (clip 0.2, per-sequence token mean), one pass over each rollout batch 
 * ``trl-grpo``    trl.GRPOTrainer with scale_rewards="group", loss_type="grpo", beta=0
 
 Every side runs in its own process (peak memory is per process), the sides alternate ``--repeats`` times, and the
-report gives the median step time over all timed steps of all repeats, the median peak memory and the ratios to TRL.
+report gives the median step time over all timed steps of all repeats, the median peak memory (and the part of it the
+training steps add) and the ratios to TRL.
 Step time is the wall time from the start of an optimizer step (batch in hand) to its end: generation, reward,
-log-prob passes, advantages, backward and the AdamW step. Peak memory is the process's peak resident set on CPU
-(it includes the Python runtime and imports) or torch's peak allocated memory on a GPU.
+log-prob passes, advantages, backward and the AdamW step. Memory: see ``_Timer``.
 """
 
 from __future__ import annotations
@@ -25,11 +25,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -41,30 +41,55 @@ LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0,
 SIDES = ("ours-grpo", "ours-durian", "trl-grpo")
 
 
-def _peak_memory_mb() -> float:
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+def _resident_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 class _Timer:
-    """Wall time of each optimizer step (CUDA synchronised) and the mean completion length of each step's rollouts
-    (the step's cost grows with it, and the two sides' policies drift apart as they train)."""
+    """Wall time of each optimizer step (CUDA synchronised), the mean completion length of each step's rollouts
+    (the step's cost grows with it, and the two sides' policies drift apart as they train), and the memory the
+    steps add: on a GPU torch's peak allocation, on the CPU the peak resident set sampled every 5 ms during the
+    steps minus the resident set before the first (imports, model and data are already loaded by then)."""
 
     def __init__(self):
         self.seconds: list[float] = []
         self.lengths: list[float] = []
         self._start = 0.0
+        self.baseline_mb: float | None = None
+        self.peak_mb = 0.0
+        self._sampling = False
 
     def start(self) -> None:
         _synchronize()
+        if self.baseline_mb is None:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+                self.baseline_mb = torch.cuda.memory_allocated() / 2**20
+            else:
+                self.baseline_mb = _resident_mb()
+                self._sampling = True
+                threading.Thread(target=self._sample, daemon=True).start()
         self._start = time.perf_counter()
 
     def stop(self) -> None:
         _synchronize()
         self.seconds.append(time.perf_counter() - self._start)
+
+    def _sample(self) -> None:
+        while self._sampling:
+            self.peak_mb = max(self.peak_mb, _resident_mb())
+            time.sleep(0.005)
+
+    def result(self) -> dict:
+        import torch
+
+        self._sampling = False
+        peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else self.peak_mb
+        return {"step_seconds": self.seconds, "completion_lengths": self.lengths,
+                "step_memory_mb": peak - self.baseline_mb, "peak_memory_mb": peak}
 
 
 def _data():
@@ -102,7 +127,7 @@ def run_ours(estimator: str, steps: int, root: str) -> dict:
         default_root_dir=root,
     )
     trainer.fit(module, datamodule=_data())
-    return {"step_seconds": timer.seconds, "completion_lengths": timer.lengths, "peak_memory_mb": _peak_memory_mb()}
+    return timer.result()
 
 
 def run_trl(steps: int, root: str) -> dict:
@@ -159,7 +184,7 @@ def run_trl(steps: int, root: str) -> dict:
         callbacks=[StepTimer()],
     )
     trainer.train()
-    return {"step_seconds": timer.seconds, "completion_lengths": timer.lengths, "peak_memory_mb": _peak_memory_mb()}
+    return timer.result()
 
 
 def _has_cuda() -> bool:
@@ -218,6 +243,7 @@ def main() -> None:
         report[side] = {
             "median_step_s": statistics.median(s for r in results for s in r["step_seconds"]),
             "median_peak_memory_mb": statistics.median(r["peak_memory_mb"] for r in results),
+            "median_step_memory_mb": statistics.median(r["step_memory_mb"] for r in results),
             "mean_completion_tokens": statistics.mean(x for r in results for x in r["completion_lengths"]),
         }
     if "trl-grpo" in report:
@@ -225,6 +251,7 @@ def main() -> None:
         for side, row in report.items():
             row["step_time_vs_trl"] = row["median_step_s"] / trl["median_step_s"]
             row["peak_memory_vs_trl"] = row["median_peak_memory_mb"] / trl["median_peak_memory_mb"]
+            row["step_memory_vs_trl"] = row["median_step_memory_mb"] / trl["median_step_memory_mb"]
     report["settings"] = {"model": MODEL, "prompts": PROMPTS, "G": G, "max_new_tokens": MAX_NEW_TOKENS,
                           "timed_steps": args.steps, "warmup_steps": args.warmup, "repeats": args.repeats,
                           "device": "cuda" if _has_cuda() else "cpu"}
