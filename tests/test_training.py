@@ -109,6 +109,44 @@ def test_policy_and_reference_logprobs_are_equal_at_step_zero(tmp_path):
     assert bool((policy <= 0).all())
 
 
+@pytest.mark.parametrize("model_name", ["tiny:llava", "tiny:qwen2_5_vl"])
+@pytest.mark.parametrize("sampling", [SamplingConfig(max_new_tokens=8, temperature=0.7),
+                                      SamplingConfig(max_new_tokens=8, do_sample=False)], ids=["sampled", "greedy"])
+def test_logprobs_recorded_by_generate_equal_a_full_forward(model_name, sampling):
+    from PIL import Image
+
+    from durian_lightning.models import resolve_model_path
+    from durian_lightning.rollout import multimodal_token_ids
+
+    torch.manual_seed(0)
+    model, processor = load_policy(resolve_model_path(model_name), use_lora=False)
+    prompt = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}],
+                                           add_generation_prompt=True, tokenize=False)
+    images = [[Image.new("RGB", (64, 64), "blue")], [Image.effect_noise((64, 64), 40).convert("RGB")]]
+    rollout = generate_rollouts(model, processor, [prompt, prompt], images, 3, sampling)
+    temperature = sampling.temperature if sampling.do_sample else 1.0
+    with torch.no_grad():
+        forward = completion_logprobs(model, processor, rollout, range(6), temperature)
+    mask = rollout.completion_mask.bool()
+    assert rollout.sampled_logprobs.shape == forward.shape
+    torch.testing.assert_close(rollout.sampled_logprobs[mask], forward[mask], atol=1e-4, rtol=1e-4)
+    assert bool((rollout.sampled_logprobs[~mask] == 0).all())
+    # the placeholder ban still holds (it moved into the recording processor)
+    assert not torch.isin(rollout.completion_ids, torch.tensor(multimodal_token_ids(model))).any()
+
+
+def test_on_policy_steps_skip_the_old_logprob_pass(tmp_path):
+    # one optimizer step per rollout batch: old log-probs are the update's own (ratio exactly 1, nothing clipped)
+    cli = run_cli(["fit", *fit_args(tmp_path, "tiny:llava", "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0")])
+    rows = [r for r in metrics(cli.trainer) if r.get("train/loss")]
+    assert len(rows) == 2
+    assert all(not r.get("perf/old_logprobs_s") and float(r["train/clip_fraction"]) == 0.0 for r in rows)
+    # two PPO epochs re-use the batch after an update: the old pass runs
+    cli = run_cli(["fit", *fit_args(tmp_path / "two", "tiny:llava", "--model.ppo_epochs", "2", "--trainer.max_steps", "2",
+                                    "--trainer.limit_val_batches", "0")])
+    assert all(r.get("perf/old_logprobs_s") for r in metrics(cli.trainer) if r.get("train/loss"))
+
+
 def test_one_rollout_batch_gives_the_configured_number_of_optimizer_steps(tmp_path):
     # 4 prompts per rollout batch, 2 per mini-batch, 2 PPO epochs -> 4 optimizer steps from one batch
     cli = run_cli(["fit", *fit_args(tmp_path, "tiny:llava", "--data.batch_size", "4", "--model.mini_batch_size", "2",

@@ -221,7 +221,9 @@ class DurianGRPO(L.LightningModule):
         if rollout_batch_size % mini_batch_size:
             raise ValueError(f"mini_batch_size={mini_batch_size} must divide the rollout batch of {rollout_batch_size} prompts")
         self._phase_seconds = {}
-        group = self._rollout_and_score(batch)
+        # one optimizer step from one pass over the batch: the policy that computes the loss is the one that sampled
+        on_policy = hp.ppo_epochs == 1 and mini_batch_size == rollout_batch_size
+        group = self._rollout_and_score(batch, old_logprobs=not on_policy)
         if hp.dynamic_sampling:
             group = self._dynamic_sampling(group, rollout_batch_size)
             if group is None:
@@ -240,7 +242,10 @@ class DurianGRPO(L.LightningModule):
         yield
         self._phase_seconds[phase] = self._phase_seconds.get(phase, 0.0) + time.perf_counter() - start
 
-    def _rollout_and_score(self, batch: dict[str, Any]) -> dict[str, Any]:
+    def _rollout_and_score(self, batch: dict[str, Any], old_logprobs: bool = True) -> dict[str, Any]:
+        """Generate, score, and the log-prob passes the update needs. Without ``old_logprobs`` (on-policy: one
+        optimizer step per rollout batch) the update uses its own forward's detached log-probs as the old ones, which
+        is exact (the ratio is 1 there) and saves a forward pass over the batch."""
         hp = self.hparams
         with self._timed("generate"):
             rollout = generate_rollouts(
@@ -254,23 +259,26 @@ class DurianGRPO(L.LightningModule):
         with self._timed("reward"):
             scores = self.reward(rollout.completions, answers, problem=[p for p in batch["problem"] for _ in range(g)], **extra)
         rows = torch.arange(len(rollout))
+        old = ref = None
         with torch.no_grad():
-            with self._timed("old_logprobs"):
-                old = torch.cat([completion_logprobs(self.model, self.processor, rollout, chunk, hp.temperature)
-                                 for chunk in rows.split(hp.micro_batch_size)])
-            ref = None
+            if old_logprobs:
+                with self._timed("old_logprobs"):
+                    old = torch.cat([completion_logprobs(self.model, self.processor, rollout, chunk, hp.temperature)
+                                     for chunk in rows.split(hp.micro_batch_size)])
             if self.loss_config.kl_coef > 0:
                 with self._timed("ref_logprobs"):
                     ref = torch.cat([self.reference_logprobs(rollout, chunk) for chunk in rows.split(hp.micro_batch_size)])
-        mask = rollout.completion_mask.to(old.device)
+        device = self.device
+        mask = rollout.completion_mask.to(device)
         return {
             "rollout": rollout,
-            "rewards": scores.total.to(old.device),
-            "reward_components": {k: v.to(old.device) for k, v in scores.components.items()},
+            "rewards": scores.total.to(device),
+            "reward_components": {k: v.to(device) for k, v in scores.components.items()},
             "old_logprobs": old,
             "ref_logprobs": ref,
-            "sequence_logprob": sequence_logprob(old, mask, hp.confidence_reduction),
-            "visual_entropy": batch["visual_entropy"].to(old.device),
+            # confidence: the completion's log-prob when it was sampled (recorded by generate, no extra pass)
+            "sequence_logprob": sequence_logprob(rollout.sampled_logprobs.to(device), mask, hp.confidence_reduction),
+            "visual_entropy": batch["visual_entropy"].to(device),
             "ids": list(batch["id"]),
         }
 
@@ -332,7 +340,7 @@ class DurianGRPO(L.LightningModule):
         n = len(group["rewards"])
         local = slice(self.global_rank * n, (self.global_rank + 1) * n) if world > 1 else slice(None)
         self.last_rollout["local_advantages"] = advantages[local].detach()
-        return {**group, "advantages": advantages[local].to(group["old_logprobs"].dtype)}
+        return {**group, "advantages": advantages[local].float()}
 
     def _optimize(self, update: dict[str, Any], mini_batch_size: int) -> None:
         hp = self.hparams
@@ -340,7 +348,7 @@ class DurianGRPO(L.LightningModule):
         scheduler = self.lr_schedulers()
         g = hp.num_generations
         rollout = update["rollout"]
-        mask = rollout.completion_mask.to(update["old_logprobs"].device)
+        mask = rollout.completion_mask.to(self.device)
         num_prompts = len(rollout) // g
         stats = {"loss": [], "kl": [], "clip_fraction": []}
         for _ in range(hp.ppo_epochs):
@@ -393,7 +401,7 @@ class DurianGRPO(L.LightningModule):
     def _micro_loss(self, logprobs, update, chunk, mask, denominator):
         """This micro-batch's share of the mini-batch loss: its summed terms over the mini-batch's normalizer."""
         cfg = self.loss_config
-        old = update["old_logprobs"][chunk]
+        old = logprobs.detach() if update["old_logprobs"] is None else update["old_logprobs"][chunk]
         token_loss = clipped_surrogate(logprobs, old, update["advantages"][chunk], cfg.eps_low, cfg.eps_high)
         kl_value = 0.0
         if cfg.kl_coef > 0:
@@ -429,9 +437,7 @@ class DurianGRPO(L.LightningModule):
     def _evaluate(self, batch: dict[str, Any], stage: str) -> None:
         rollout, scores = self._generate_and_score_once(batch)
         correct = scores.components.get("accuracy", scores.total)
-        with torch.no_grad():
-            logprobs = completion_logprobs(self.model, self.processor, rollout, range(len(rollout)))
-        confidence = sequence_logprob(logprobs, rollout.completion_mask.to(logprobs.device), self.hparams.confidence_reduction)
+        confidence = sequence_logprob(rollout.sampled_logprobs, rollout.completion_mask, self.hparams.confidence_reduction)
         entropy = batch["visual_entropy"]
         thresholds = None
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -504,7 +510,7 @@ def _select_prompt(group: dict[str, Any], prompt: int, g: int) -> dict[str, Any]
     rows = list(range(prompt * g, (prompt + 1) * g))
     r = group["rollout"]
     return {
-        "rows": rows, "rollout": r, "rewards": group["rewards"][rows], "old": group["old_logprobs"][rows],
+        "rows": rows, "rollout": r, "rewards": group["rewards"][rows], "old": None if group["old_logprobs"] is None else group["old_logprobs"][rows],
         "ref": None if group["ref_logprobs"] is None else group["ref_logprobs"][rows],
         "components": {k: v[rows] for k, v in group["reward_components"].items()},
         "seq": group["sequence_logprob"][rows], "entropy": group["visual_entropy"][prompt], "id": group["ids"][prompt],
@@ -526,12 +532,13 @@ def _concat_prompts(items: list[dict[str, Any]], g: int) -> dict[str, Any]:
         completion_ids=torch.cat([pad(item["rollout"].completion_ids[item["rows"]]) for item in items]),
         completion_mask=torch.cat([pad(item["rollout"].completion_mask[item["rows"]]) for item in items]),
         completions=[item["rollout"].completions[i] for item in items for i in item["rows"]],
+        sampled_logprobs=torch.cat([pad(item["rollout"].sampled_logprobs[item["rows"]]) for item in items]),
     )
     return {
         "rollout": rollout,
         "rewards": torch.cat([item["rewards"] for item in items]),
         "reward_components": {k: torch.cat([item["components"][k] for item in items]) for k in items[0]["components"]},
-        "old_logprobs": torch.cat([pad(item["old"]) for item in items]),
+        "old_logprobs": None if items[0]["old"] is None else torch.cat([pad(item["old"]) for item in items]),
         "ref_logprobs": None if items[0]["ref"] is None else torch.cat([pad(item["ref"]) for item in items]),
         "sequence_logprob": torch.cat([item["seq"] for item in items]),
         "visual_entropy": torch.stack([item["entropy"] for item in items]),

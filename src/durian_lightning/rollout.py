@@ -1,8 +1,9 @@
 """Batched generation of G rollouts per prompt and the log-probabilities of their completion tokens.
 
-Prompts are left-padded so every completion starts at the same column. Log-probs are recomputed with one forward
-function (:func:`completion_logprobs`) for the policy, the old policy and the reference, so the ratio is exactly 1
-where the weights are the same. Each forward re-encodes its rows' prompts with the processor: that keeps the code
+Prompts are left-padded so every completion starts at the same column. ``generate`` also records each sampled
+token's log-prob (:class:`SampledTokenLogprobs`), which gives the sequence confidence without another forward pass.
+Log-probs are recomputed with one forward function (:func:`completion_logprobs`) for the policy, the old policy and
+the reference, so the ratio is exactly 1 where the weights are the same. Each forward re-encodes its rows' prompts with the processor: that keeps the code
 architecture-agnostic (LLaVA pixel tensors, Qwen-VL patch lists with grids) at the cost of repeating the cheap
 image preprocessing.
 """
@@ -14,6 +15,7 @@ from typing import Sequence
 
 import torch
 from PIL import Image
+from transformers import LogitsProcessor
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,7 @@ class Rollout:
     completion_ids: torch.Tensor  # (N, T)
     completion_mask: torch.Tensor  # (N, T) 1 up to and including the first EOS
     completions: list[str]  # (N,) decoded completion text (special tokens dropped)
+    sampled_logprobs: torch.Tensor | None = None  # (N, T) log-prob of each token when it was sampled (float32)
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -80,6 +83,38 @@ def _eos_ids(model, tokenizer) -> list[int]:
     return list(eos) if isinstance(eos, (list, tuple)) else [eos]
 
 
+class SampledTokenLogprobs(LogitsProcessor):
+    """A ``generate`` logits processor that records the log-prob of every sampled token under softmax(logits / T)
+    (the distribution :func:`completion_logprobs` computes), then bans the placeholder tokens.
+
+    The token chosen at step t is known only at step t + 1 (the last of ``input_ids`` then), so one step of
+    log-probs is kept (N x vocab, not T x N x vocab as ``output_logits`` would); :meth:`finish` reads the last token.
+    Recording happens before the ban, so the banned tokens' mass stays in the normalizer, as in a plain forward.
+    """
+
+    def __init__(self, temperature: float, banned_token_ids: Sequence[int] = ()):
+        self.temperature = temperature
+        self.banned = list(banned_token_ids)
+        self.previous: torch.Tensor | None = None
+        self.recorded: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.previous is not None:
+            self.recorded.append(self.previous.gather(1, input_ids[:, -1:]).squeeze(1))
+        self.previous = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        if self.banned:
+            scores = scores.clone()
+            scores[:, self.banned] = -float("inf")
+        return scores
+
+    def finish(self, completion_ids: torch.Tensor) -> torch.Tensor:
+        """(N, T) log-probs of ``completion_ids`` (the generated tokens)."""
+        if self.previous is not None and len(self.recorded) < completion_ids.shape[1]:
+            self.recorded.append(self.previous.gather(1, completion_ids[:, len(self.recorded)].unsqueeze(1)).squeeze(1))
+        self.previous = None
+        return torch.stack(self.recorded, dim=1) if self.recorded else completion_ids.new_zeros(completion_ids.shape, dtype=torch.float32)
+
+
 @torch.no_grad()
 def generate_rollouts(
     model,
@@ -99,8 +134,10 @@ def generate_rollouts(
     device = next(model.parameters()).device
     encoded = encoded.to(device)
     eos_ids = _eos_ids(model, processor.tokenizer)
+    temperature = sampling.temperature if sampling.do_sample else 1.0
+    recorder = SampledTokenLogprobs(temperature, multimodal_token_ids(model))
     kwargs = dict(max_new_tokens=sampling.max_new_tokens, do_sample=sampling.do_sample, eos_token_id=eos_ids,
-                  pad_token_id=processor.tokenizer.pad_token_id, suppress_tokens=multimodal_token_ids(model))
+                  pad_token_id=processor.tokenizer.pad_token_id, logits_processor=[recorder])
     if sampling.do_sample:
         kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
     was_training = model.training
@@ -111,9 +148,10 @@ def generate_rollouts(
         model.train(was_training)
     completion_ids = output[:, encoded["input_ids"].shape[1] :]
     mask = completion_mask_after_eos(completion_ids, eos_ids)
+    sampled_logprobs = recorder.finish(completion_ids) * mask
     texts = processor.tokenizer.batch_decode(completion_ids * mask + processor.tokenizer.pad_token_id * (1 - mask), skip_special_tokens=True)
     prompt_index = torch.arange(len(prompts)).repeat_interleave(num_generations)
-    return Rollout(rows_prompts, rows_images, prompt_index, completion_ids, mask.to(completion_ids.device), texts)
+    return Rollout(rows_prompts, rows_images, prompt_index, completion_ids, mask.to(completion_ids.device), texts, sampled_logprobs)
 
 
 def completion_logprobs(model, processor, rollout: Rollout, rows: torch.Tensor | Sequence[int], temperature: float = 1.0) -> torch.Tensor:
