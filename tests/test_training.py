@@ -135,6 +135,28 @@ def test_logprobs_recorded_by_generate_equal_a_full_forward(model_name, sampling
     assert not torch.isin(rollout.completion_ids, torch.tensor(multimodal_token_ids(model))).any()
 
 
+def test_the_checkpoint_generation_config_does_not_reshape_sampling():
+    # real checkpoints ship sampling defaults (Qwen2.5-VL-Instruct: repetition_penalty 1.05, top_k 1, ...); rollouts
+    # must still come from softmax(logits / T), the distribution the loss's log-probs are computed under
+    from PIL import Image
+
+    from durian_lightning.models import resolve_model_path
+
+    torch.manual_seed(0)
+    model, processor = load_policy(resolve_model_path("tiny:llava"), use_lora=True)
+    inner = model.get_base_model()
+    inner.generation_config.repetition_penalty = 5.0
+    inner.generation_config.no_repeat_ngram_size = 1
+    prompt = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}],
+                                           add_generation_prompt=True, tokenize=False)
+    rollout = generate_rollouts(model, processor, [prompt], [[Image.new("RGB", (64, 64), "red")]], 4, SamplingConfig(max_new_tokens=12))
+    with torch.no_grad():
+        forward = completion_logprobs(model, processor, rollout, range(4))
+    mask = rollout.completion_mask.bool()
+    torch.testing.assert_close(rollout.sampled_logprobs[mask], forward[mask], atol=1e-4, rtol=1e-4)
+    assert inner.generation_config.repetition_penalty == 5.0  # the model's own config is left as it was
+
+
 def test_on_policy_steps_skip_the_old_logprob_pass(tmp_path):
     # one optimizer step per rollout batch: old log-probs are the update's own (ratio exactly 1, nothing clipped)
     cli = run_cli(["fit", *fit_args(tmp_path, "tiny:llava", "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0")])

@@ -10,12 +10,13 @@ image preprocessing.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 from PIL import Image
-from transformers import LogitsProcessor
+from transformers import GenerationConfig, LogitsProcessor
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,25 @@ class SampledTokenLogprobs(LogitsProcessor):
         return torch.stack(self.recorded, dim=1) if self.recorded else completion_ids.new_zeros(completion_ids.shape, dtype=torch.float32)
 
 
+@contextlib.contextmanager
+def _neutral_generation_config(model):
+    """Sample from softmax(logits / T) exactly, the distribution the log-probs are computed under.
+
+    ``generate`` fills every unset option from the checkpoint's generation_config.json, and real checkpoints set
+    some (Qwen2.5-VL-Instruct: repetition_penalty 1.05, top_k 1, top_p 0.001, temperature 0.1): those would reshape
+    the sampling distribution behind the loss's back. For the call, the model's config carries only its token ids.
+    """
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    saved = inner.generation_config
+    inner.generation_config = GenerationConfig(
+        bos_token_id=saved.bos_token_id, eos_token_id=saved.eos_token_id, pad_token_id=saved.pad_token_id
+    )
+    try:
+        yield
+    finally:
+        inner.generation_config = saved
+
+
 @torch.no_grad()
 def generate_rollouts(
     model,
@@ -143,7 +163,8 @@ def generate_rollouts(
     was_training = model.training
     model.eval()
     try:
-        output = model.generate(**encoded, **kwargs)
+        with _neutral_generation_config(model):
+            output = model.generate(**encoded, **kwargs)
     finally:
         model.train(was_training)
     completion_ids = output[:, encoded["input_ids"].shape[1] :]
