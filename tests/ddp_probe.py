@@ -10,6 +10,17 @@ class DumpRolloutCallback(L.Callback):
     def __init__(self, folder: str):
         self.folder = Path(folder)
 
+    def on_validation_end(self, trainer, pl_module) -> None:
+        from durian_lightning._distributed import all_gather_records
+
+        gathered = all_gather_records(trainer, pl_module.eval_records)  # a collective: every rank calls it
+        record = {"local": len(pl_module.eval_records), "ids": [r["id"] for r in gathered],
+                  "correct": [r["correct"] for r in gathered],
+                  "metrics": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "error/"))}}
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with open(self.folder / f"rank{trainer.global_rank}-validation-step{trainer.global_step}.json", "w") as f:
+            json.dump(record, f)
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         last = pl_module.last_rollout
         if last is None:

@@ -2,15 +2,31 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from durian_lightning.advantages import durian_advantages
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def run_process_group(command, env, timeout):
+    """Run the launcher and its rank processes in their own process group; a hang (a collective one rank never
+    reaches) fails the test after ``timeout`` seconds and leaves no rank behind."""
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        _, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        _, stderr = process.communicate()
+        raise AssertionError(f"the DDP run hung for {timeout} s:\n{stderr[-3000:]}")
+    return process.returncode, stderr
 
 
 def test_ddp_ranks_compute_the_advantages_of_the_global_batch(tmp_path):
@@ -20,7 +36,7 @@ def test_ddp_ranks_compute_the_advantages_of_the_global_batch(tmp_path):
         "--model.model_name_or_path", "tiny:llava",
         "--model.num_generations", "4", "--model.max_new_tokens", "6", "--model.num_reasoning_groups", "3",
         "--model.reward_functions", "[tests.test_training:length_reward]",
-        "--data.source", str(REPO / "data" / "synthetic"), "--data.batch_size", "3",
+        "--data.source", str(REPO / "data" / "synthetic"), "--data.batch_size", "3", "--data.eval_batch_size", "4",
         "--data.cache_dir", str(tmp_path / "entropy"), "--data.progress", "false",
         "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
         "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1", "--trainer.val_check_interval", "2",
@@ -28,8 +44,8 @@ def test_ddp_ranks_compute_the_advantages_of_the_global_batch(tmp_path):
         "--trainer.callbacks+=tests.ddp_probe.DumpRolloutCallback", f"--trainer.callbacks.folder={dump}",
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "DURIAN_CACHE": str(tmp_path / "cache")}
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300, start_new_session=True)
-    assert result.returncode == 0, result.stderr[-3000:]
+    returncode, stderr = run_process_group(command, env, timeout=300)
+    assert returncode == 0, stderr[-3000:]
     for step in (1, 2):
         ranks = [json.loads((dump / f"rank{r}-step{step}.json").read_text()) for r in (0, 1)]
         assert all(r["world_size"] == 2 for r in ranks)
@@ -48,4 +64,12 @@ def test_ddp_ranks_compute_the_advantages_of_the_global_batch(tmp_path):
             torch.testing.assert_close(torch.tensor(r["local_advantages"]), single[r["rank"] * 12 : (r["rank"] + 1) * 12])
         # gradients are averaged across ranks, so both ranks hold the same adapter after every update
         assert ranks[0]["lora_sums"] == ranks[1]["lora_sums"]
+    # validation: each rank scores its own 4 samples (whose perceptual groups differ between ranks: every rank still
+    # logs the same metric keys, or the metric syncs would pair up wrongly and hang); metrics cover all 8
+    validation = [json.loads((dump / f"rank{r}-validation-step2.json").read_text()) for r in (0, 1)]
+    assert [v["local"] for v in validation] == [4, 4]
+    assert validation[0]["ids"] == validation[1]["ids"] and len(set(validation[0]["ids"])) == 8
+    assert validation[0]["metrics"] == validation[1]["metrics"]
+    correct = validation[0]["correct"]
+    assert validation[0]["metrics"]["val/accuracy"] == pytest.approx(sum(correct) / 8)
     assert (tmp_path / "lightning_logs" / "version_0" / "adapter" / "adapter_config.json").is_file()

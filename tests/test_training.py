@@ -288,6 +288,30 @@ def test_predict_and_test_subcommands(tmp_path):
     assert predicted.trainer.predict_loop.predictions is not None
 
 
+def test_accuracy_per_source_column(tmp_path):
+    import json
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [json.loads(line) for line in open(REPO / "data" / "synthetic" / "val.jsonl")][:8]
+    for split in ("train", "validation"):
+        with open(data / f"{split}.jsonl", "w") as f:
+            for row in rows:  # the question type plays the benchmark name
+                f.write(json.dumps({**row, "images": [str(REPO / "data" / "synthetic" / row["images"][0])],
+                                    "source": row["question_type"]}) + "\n")
+    # a graded reward (not 0 / 1 accuracy) so the per-source means differ
+    cli = run_cli(["validate", *fit_args(tmp_path, "tiny:llava", "--data.source", str(data), "--data.eval_batch_size", "8",
+                                         "--model.reward_functions", "[tests.test_training:length_reward]",
+                                         "--model.eval_do_sample", "true", "--seed_everything", "1")])
+    records = cli.model.eval_records
+    assert len(records) == 8 and len({r["correct"] for r in records}) > 1
+    metrics = cli.trainer.callback_metrics
+    for source in {r["source"] for r in records}:
+        chosen = [r["correct"] for r in records if r["source"] == source]
+        assert float(metrics[f"val/accuracy_source_{source}"]) == pytest.approx(sum(chosen) / len(chosen))
+    assert float(metrics["val/accuracy"]) == pytest.approx(sum(r["correct"] for r in records) / 8)
+
+
 def test_gradient_checkpointing_gives_the_same_update(tmp_path):
     args = ["--seed_everything", "3", "--model.reward_functions", "[tests.test_training:length_reward]",
             "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0"]

@@ -13,6 +13,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from ._distributed import all_gather_records
 from .difficulty import perceptual_groups
 
 
@@ -162,7 +163,7 @@ class ErrorVsDifficultyCallback(L.Callback):
         self.filename = filename
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        records = getattr(pl_module, "eval_records", [])
+        records = all_gather_records(trainer, getattr(pl_module, "eval_records", []))  # every rank's samples
         datamodule = getattr(trainer, "datamodule", None)
         thresholds = datamodule.entropy_thresholds() if datamodule is not None and hasattr(datamodule, "entropy_thresholds") else None
         stats = error_by_difficulty(records, thresholds)

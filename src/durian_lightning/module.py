@@ -20,6 +20,7 @@ import lightning as L
 import torch
 import torchmetrics
 
+from ._distributed import all_gather_1d, all_gather_records
 from .advantages import batch_std_advantages, dr_grpo_advantages, durian_advantages, grpo_advantages
 from .difficulty import perceptual_groups, sequence_logprob
 from .losses import (
@@ -304,7 +305,7 @@ class DurianGRPO(L.LightningModule):
         entropy = group["visual_entropy"].to(rewards.dtype)
         world = self.trainer.world_size if self._trainer is not None else 1
         if world > 1:  # the statistics are over the global batch: every rank computes them all, then keeps its rows
-            rewards, confidence, entropy = (_gather(t, world) for t in (rewards, confidence, entropy))
+            rewards, confidence, entropy = (all_gather_1d(t, world) for t in (rewards, confidence, entropy))
         num_prompts = entropy.numel()
         prompt_index = torch.arange(num_prompts, device=rewards.device).repeat_interleave(g)
         details = None
@@ -446,24 +447,35 @@ class DurianGRPO(L.LightningModule):
         groups = perceptual_groups(entropy, self.hparams.percentiles, thresholds)
         correct = correct.to(self.device)
         updates = {"accuracy": correct, "reward": scores.total.to(self.device)}
-        for k in range(3):
-            chosen = groups.to(self.device) == k
-            if bool(chosen.any()):
-                updates[f"accuracy_perceptual_{k}"] = correct[chosen]
+        for k in range(3):  # every rank logs the same keys (an absent group is an empty update): they sync as one
+            updates[f"accuracy_perceptual_{k}"] = correct[groups.to(self.device) == k]
         for name, values in updates.items():
             metric = self.eval_metrics[f"{stage}_{name}"]
             metric.update(values)
             self.log(f"{stage}/{name}", metric, prog_bar=name == "accuracy")
-        if "source" in batch:  # per benchmark, when the data says where each sample comes from
-            sources = list(batch["source"])
-            for source in sorted(set(sources)):
-                chosen = torch.tensor([s == source for s in sources], device=self.device)
-                self.log(f"{stage}/accuracy_source_{source}", correct[chosen].mean(), batch_size=int(chosen.sum()), sync_dist=True)
         for i in range(len(correct)):
             self.eval_records.append({
                 "id": batch["id"][i], "correct": float(correct[i]), "visual_entropy": float(entropy[i]),
                 "confidence": float(confidence[i]), "completion": rollout.completions[i], "answer": batch["answer"][i],
+                **({"source": batch["source"][i]} if "source" in batch else {}),
             })
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_accuracy_per_source("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_accuracy_per_source("test")
+
+    def _log_accuracy_per_source(self, stage: str) -> None:
+        """Accuracy per benchmark when the data has a ``source`` column, over every rank's samples (ranks may hold
+        different sources, so this is computed from the gathered records rather than synced per key)."""
+        records = all_gather_records(self._trainer, self.eval_records)
+        by_source: dict[str, list[float]] = {}
+        for record in records:
+            if "source" in record:
+                by_source.setdefault(str(record["source"]), []).append(record["correct"])
+        for source, values in sorted(by_source.items()):
+            self.log(f"{stage}/accuracy_source_{source}", sum(values) / len(values))
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
         """Greedy (or ``eval_do_sample``) completions with their extracted answers and rewards."""
@@ -544,10 +556,3 @@ def _concat_prompts(items: list[dict[str, Any]], g: int) -> dict[str, Any]:
         "visual_entropy": torch.stack([item["entropy"] for item in items]),
         "ids": [item["id"] for item in items],
     }
-
-
-def _gather(tensor: torch.Tensor, world: int) -> torch.Tensor:
-    """Concatenate a 1-D tensor of the same length from every rank, in rank order (no autograd)."""
-    out = torch.empty(world * tensor.numel(), dtype=tensor.dtype, device=tensor.device)
-    torch.distributed.all_gather_into_tensor(out, tensor.contiguous())
-    return out
