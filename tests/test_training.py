@@ -39,6 +39,12 @@ def fit_args(tmp_path, model="tiny:llava", *extra):
     ]
 
 
+def one_image_prompt(processor) -> str:
+    """A chat prompt with one image and a short question, rendered by the model's own template."""
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
 def metrics(trainer) -> list[dict]:
     return list(csv.DictReader(open(Path(trainer.log_dir) / "metrics.csv")))
 
@@ -99,8 +105,7 @@ def test_policy_and_reference_logprobs_are_equal_at_step_zero(tmp_path):
     model, processor = load_policy(resolve_model_path("tiny:llava"), use_lora=True)
     from PIL import Image
 
-    prompt = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}],
-                                           add_generation_prompt=True, tokenize=False)
+    prompt = one_image_prompt(processor)
     rollout = generate_rollouts(model, processor, [prompt], [[Image.new("RGB", (64, 64), "blue")]], 3, SamplingConfig(max_new_tokens=5))
     policy = completion_logprobs(model, processor, rollout, range(3))
     with model.disable_adapter():
@@ -120,8 +125,7 @@ def test_logprobs_recorded_by_generate_equal_a_full_forward(model_name, sampling
 
     torch.manual_seed(0)
     model, processor = load_policy(resolve_model_path(model_name), use_lora=False)
-    prompt = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}],
-                                           add_generation_prompt=True, tokenize=False)
+    prompt = one_image_prompt(processor)
     images = [[Image.new("RGB", (64, 64), "blue")], [Image.effect_noise((64, 64), 40).convert("RGB")]]
     rollout = generate_rollouts(model, processor, [prompt, prompt], images, 3, sampling)
     temperature = sampling.temperature if sampling.do_sample else 1.0
@@ -147,8 +151,7 @@ def test_the_checkpoint_generation_config_does_not_reshape_sampling():
     inner = model.get_base_model()
     inner.generation_config.repetition_penalty = 5.0
     inner.generation_config.no_repeat_ngram_size = 1
-    prompt = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}],
-                                           add_generation_prompt=True, tokenize=False)
+    prompt = one_image_prompt(processor)
     rollout = generate_rollouts(model, processor, [prompt], [[Image.new("RGB", (64, 64), "red")]], 4, SamplingConfig(max_new_tokens=12))
     with torch.no_grad():
         forward = completion_logprobs(model, processor, rollout, range(4))

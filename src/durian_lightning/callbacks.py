@@ -165,7 +165,9 @@ class ErrorVsDifficultyCallback(L.Callback):
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         records = all_gather_records(trainer, getattr(pl_module, "eval_records", []))  # every rank's samples
         datamodule = getattr(trainer, "datamodule", None)
-        thresholds = datamodule.entropy_thresholds() if datamodule is not None and hasattr(datamodule, "entropy_thresholds") else None
+        percentiles = getattr(getattr(pl_module, "hparams", None), "percentiles", (0.25, 0.75))  # the module's groups
+        thresholds = (datamodule.entropy_thresholds(percentiles)
+                      if datamodule is not None and hasattr(datamodule, "entropy_thresholds") else None)
         stats = error_by_difficulty(records, thresholds)
         if not stats:
             return

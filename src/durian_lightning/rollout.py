@@ -2,10 +2,10 @@
 
 Prompts are left-padded so every completion starts at the same column. ``generate`` also records each sampled
 token's log-prob (:class:`SampledTokenLogprobs`), which gives the sequence confidence without another forward pass.
-Log-probs are recomputed with one forward function (:func:`completion_logprobs`) for the policy, the old policy and
-the reference, so the ratio is exactly 1 where the weights are the same. Each forward re-encodes its rows' prompts with the processor: that keeps the code
-architecture-agnostic (LLaVA pixel tensors, Qwen-VL patch lists with grids) at the cost of repeating the cheap
-image preprocessing.
+Log-probs are recomputed with one forward function (:func:`completion_logprobs`) for the policy, the old policy (when
+a rollout batch feeds several optimizer steps) and the reference, so the ratio is exactly 1 where the weights are the
+same. Each forward re-encodes its rows' prompts with the processor: that keeps the code architecture-agnostic (LLaVA
+pixel tensors, Qwen-VL patch lists with grids) at the cost of repeating the cheap image preprocessing.
 """
 
 from __future__ import annotations
