@@ -6,6 +6,12 @@ from pathlib import Path
 import lightning as L
 
 
+def color_question_reward(completions, answers, problem, **fields):
+    """Dense on color questions, 0 elsewhere: only about a quarter of the prompts are informative, so the ranks
+    collect informative prompts at different speeds."""
+    return [len(c) / 100 if "color" in p else 0.0 for c, p in zip(completions, problem)]
+
+
 class DumpRolloutCallback(L.Callback):
     def __init__(self, folder: str):
         self.folder = Path(folder)
@@ -35,6 +41,7 @@ class DumpRolloutCallback(L.Callback):
             "global_confidence": last["confidence"].tolist(),
             "global_advantages": last["advantages"].tolist(),
             "local_advantages": last["local_advantages"].tolist(),
+            "pending": len(pl_module._pending),
             "lora_sums": [float(v.double().sum()) for k, v in sorted(pl_module.model.state_dict().items()) if "lora_" in k],
         }
         with open(self.folder / f"rank{trainer.global_rank}-step{trainer.global_step}.json", "w") as f:

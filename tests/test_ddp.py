@@ -73,3 +73,28 @@ def test_ddp_ranks_compute_the_advantages_of_the_global_batch(tmp_path):
     correct = validation[0]["correct"]
     assert validation[0]["metrics"]["val/accuracy"] == pytest.approx(sum(correct) / 8)
     assert (tmp_path / "lightning_logs" / "version_0" / "adapter" / "adapter_config.json").is_file()
+
+
+def test_ddp_with_dynamic_sampling_updates_every_rank_at_the_same_step(tmp_path):
+    # ranks keep different numbers of informative prompts; they update together, once the poorest has a full batch
+    dump = tmp_path / "dump"
+    command = [
+        sys.executable, "-m", "durian_lightning.cli", "fit",
+        "--model.model_name_or_path", "tiny:llava", "--model.num_generations", "4", "--model.max_new_tokens", "6",
+        "--model.loss_preset", "dapo", "--model.dynamic_sampling", "true",
+        "--model.reward_functions", "[tests.ddp_probe:color_question_reward]",
+        "--data.source", str(REPO / "data" / "synthetic"), "--data.batch_size", "3",
+        "--data.cache_dir", str(tmp_path / "entropy"), "--data.progress", "false",
+        "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
+        "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0",
+        "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path),
+        "--trainer.callbacks+=tests.ddp_probe.DumpRolloutCallback", f"--trainer.callbacks.folder={dump}",
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "DURIAN_CACHE": str(tmp_path / "cache")}
+    returncode, stderr = run_process_group(command, env, timeout=300)
+    assert returncode == 0, stderr[-3000:]
+    for step in (1, 2):
+        ranks = [json.loads((dump / f"rank{r}-step{step}.json").read_text()) for r in (0, 1)]
+        assert len(ranks[0]["global_rewards"]) == 2 * 3 * 4  # every rank brought exactly one batch of 3 prompts
+        assert ranks[0]["global_advantages"] == ranks[1]["global_advantages"]
+        assert ranks[0]["lora_sums"] == ranks[1]["lora_sums"]

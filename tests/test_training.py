@@ -244,6 +244,8 @@ def test_dapo_preset_with_dynamic_sampling_runs(tmp_path):
     assert cli.trainer.global_step == 2
     kept = [float(r["train/dynamic_sampling_kept"]) for r in metrics(cli.trainer) if r.get("train/dynamic_sampling_kept")]
     assert kept and all(0.0 <= k <= 1.0 for k in kept)
+    # prompts kept over an update were sampled by the previous policy: they carry their own old log-probs
+    assert all(r.get("perf/old_logprobs_s") for r in metrics(cli.trainer) if r.get("train/loss"))
 
 
 def length_reward(completions, answers, **fields):

@@ -185,9 +185,6 @@ class DurianGRPO(L.LightningModule):
         if stage == "fit" and self.trainer.world_size > 1:
             from lightning.pytorch.strategies import DDPStrategy
 
-            if self.hparams.dynamic_sampling:
-                # ranks would keep different numbers of prompts and update at different steps: collectives would desync
-                raise ValueError("dynamic_sampling is single-process for now; set devices=1 or dynamic_sampling=false")
             if not isinstance(self.trainer.strategy, DDPStrategy):
                 # FSDP / DeepSpeed shard gradients, which the one flat all-reduce per optimizer step does not handle
                 raise ValueError(
@@ -223,7 +220,8 @@ class DurianGRPO(L.LightningModule):
             raise ValueError(f"mini_batch_size={mini_batch_size} must divide the rollout batch of {rollout_batch_size} prompts")
         self._phase_seconds = {}
         # one optimizer step from one pass over the batch: the policy that computes the loss is the one that sampled
-        on_policy = hp.ppo_epochs == 1 and mini_batch_size == rollout_batch_size
+        # (not with dynamic sampling, whose leftover prompts wait across an update and need their own old log-probs)
+        on_policy = hp.ppo_epochs == 1 and mini_batch_size == rollout_batch_size and not hp.dynamic_sampling
         group = self._rollout_and_score(batch, old_logprobs=not on_policy)
         if hp.dynamic_sampling:
             group = self._dynamic_sampling(group, rollout_batch_size)
@@ -284,14 +282,22 @@ class DurianGRPO(L.LightningModule):
         }
 
     def _dynamic_sampling(self, group: dict[str, Any], rollout_batch_size: int) -> dict[str, Any] | None:
-        """Keep the prompts whose rewards differ; update only once ``rollout_batch_size`` of them are collected."""
+        """Keep the prompts whose rewards differ; update only once ``rollout_batch_size`` of them are collected (on
+        every rank)."""
         g = self.hparams.num_generations
         rewards = group["rewards"].view(-1, g)
         informative = (rewards.amax(dim=1) != rewards.amin(dim=1)).nonzero().flatten().tolist()
         self.log("train/dynamic_sampling_kept", len(informative) / rewards.shape[0])
         for p in informative:
             self._pending.append(_select_prompt(group, p, g))
-        if len(self._pending) < rollout_batch_size:
+        ready = len(self._pending)
+        if self._trainer is not None and self.trainer.world_size > 1:
+            # every rank must update at the same step with the same number of prompts (the global-batch statistics
+            # and the gradient all-reduce are collectives): wait for the rank with the fewest; the others keep extras
+            count = torch.tensor([ready], device=self.device)
+            torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MIN)
+            ready = int(count)
+        if ready < rollout_batch_size:
             return None
         taken, self._pending = self._pending[:rollout_batch_size], self._pending[rollout_batch_size:]
         return _concat_prompts(taken, g)
