@@ -1,6 +1,7 @@
 """The training module end to end on tiny VLMs: CLI fit/validate, what changes, step counts, callbacks, bad config."""
 
 import csv
+import math
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,13 @@ from durian_lightning.cli import run_cli
 from durian_lightning.losses import aggregate_loss, aggregation_denominator, aggregation_numerator
 from durian_lightning.models import load_policy
 from durian_lightning.module import DurianGRPO
-from durian_lightning.rollout import SamplingConfig, completion_logprobs, completion_mask_after_eos, generate_rollouts
+from durian_lightning.rollout import (
+    SamplingConfig,
+    completion_logprobs,
+    completion_mask_after_eos,
+    generate_rollouts,
+    token_logprobs,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = str(REPO / "data" / "synthetic")
@@ -190,6 +197,31 @@ def test_micro_batches_add_up_to_the_mini_batch_loss(mode):
     denominator = aggregation_denominator(mask, mode)
     pieces = sum(aggregation_numerator(token_loss[c], mask[c], mode) for c in torch.arange(7).split(3)) / denominator
     assert pieces.item() == pytest.approx(aggregate_loss(token_loss, mask, mode).item(), rel=1e-6)
+
+
+def test_token_logprobs_by_hand():
+    # logits (0, ln 3): softmax (1/4, 3/4). At T = 2: (0, ln 3 / 2) -> p = (1, sqrt 3) / (1 + sqrt 3)
+    logits = torch.tensor([[[0.0, math.log(3.0)], [0.0, math.log(3.0)]]])
+    tokens = torch.tensor([[1, 0]])
+    assert token_logprobs(logits, tokens).tolist()[0] == pytest.approx([math.log(0.75), math.log(0.25)], abs=1e-7)
+    at_t2 = token_logprobs(logits, tokens, temperature=2.0).tolist()[0]
+    assert at_t2 == pytest.approx([math.log(math.sqrt(3) / (1 + math.sqrt(3))), math.log(1 / (1 + math.sqrt(3)))], abs=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_token_logprobs_equal_log_softmax_with_the_same_gradient(dtype, temperature):
+    torch.manual_seed(0)
+    logits = (3 * torch.randn(3, 5, 50)).to(dtype).requires_grad_()
+    tokens = torch.randint(0, 50, (3, 5))
+    weights = torch.randn(3, 5)
+    ours = token_logprobs(logits, tokens, temperature)
+    (grad_ours,) = torch.autograd.grad((ours * weights).sum(), logits)
+    plain = torch.log_softmax(logits.float() / temperature, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    (grad_plain,) = torch.autograd.grad((plain * weights).sum(), logits)
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours, plain, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad_ours.float(), grad_plain.float(), atol=1e-5, rtol=1e-3)
 
 
 def test_completion_mask_stops_after_the_first_eos():

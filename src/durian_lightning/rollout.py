@@ -194,5 +194,21 @@ def completion_logprobs(model, processor, rollout: Rollout, rows: torch.Tensor |
         inputs["mm_token_type_ids"] = torch.cat([encoded["mm_token_type_ids"], torch.zeros_like(completion)], dim=1)
     length = completion.shape[1]
     logits = model(**inputs, logits_to_keep=length + 1).logits[:, :-1, :]
-    logprobs = torch.log_softmax(logits.float() / temperature, dim=-1)
-    return logprobs.gather(-1, completion.unsqueeze(-1)).squeeze(-1)
+    return token_logprobs(logits, completion, temperature)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """``log softmax(logits / T)[token]`` at every position of ``(B, T, vocab)`` logits, as
+    ``logit[token] / T - logsumexp(logits / T)``, one row at a time in float32.
+
+    Same numbers as ``log_softmax(...).gather(...)``, but the full-vocabulary work of a row (cast, scale, normalizer)
+    is never materialised for the whole batch at once: with a 152k vocabulary that is the biggest tensor of a
+    log-prob pass (benchmarks/bench_logprob_memory.py).
+    """
+    rows = []
+    for row_logits, row_tokens in zip(logits, tokens):
+        row = row_logits.float()
+        if temperature != 1.0:
+            row = row / temperature
+        rows.append(row.gather(-1, row_tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(row, dim=-1))
+    return torch.stack(rows)
