@@ -29,23 +29,31 @@ def run_process_group(command, env, timeout):
     return process.returncode, stderr
 
 
-def test_ddp_ranks_compute_the_advantages_of_the_global_batch(tmp_path):
+def fit_on_two_ranks(tmp_path, *args: str):
+    """`durian fit` of tiny LLaVA (G = 4, 6 new tokens, 3 prompts per rank, 2 steps) on 2 gloo processes; returns the
+    folder where tests/ddp_probe.py wrote what each rank computed."""
     dump = tmp_path / "dump"
     command = [
         sys.executable, "-m", "durian_lightning.cli", "fit",
-        "--model.model_name_or_path", "tiny:llava",
-        "--model.num_generations", "4", "--model.max_new_tokens", "6", "--model.num_reasoning_groups", "3",
-        "--model.reward_functions", "[tests.test_training:length_reward]",
-        "--data.source", str(REPO / "data" / "synthetic"), "--data.batch_size", "3", "--data.eval_batch_size", "4",
+        "--model.model_name_or_path", "tiny:llava", "--model.num_generations", "4", "--model.max_new_tokens", "6",
+        "--data.source", str(REPO / "data" / "synthetic"), "--data.batch_size", "3",
         "--data.cache_dir", str(tmp_path / "entropy"), "--data.progress", "false",
-        "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
-        "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1", "--trainer.val_check_interval", "2",
+        "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu", "--trainer.max_steps", "2",
         "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path),
         "--trainer.callbacks+=tests.ddp_probe.DumpRolloutCallback", f"--trainer.callbacks.folder={dump}",
+        *args,
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "DURIAN_CACHE": str(tmp_path / "cache")}
     returncode, stderr = run_process_group(command, env, timeout=300)
     assert returncode == 0, stderr[-3000:]
+    return dump
+
+
+def test_ddp_ranks_compute_the_advantages_of_the_global_batch(tmp_path):
+    dump = fit_on_two_ranks(
+        tmp_path, "--model.num_reasoning_groups", "3", "--model.reward_functions", "[tests.test_training:length_reward]",
+        "--data.eval_batch_size", "4", "--trainer.limit_val_batches", "1", "--trainer.val_check_interval", "2",
+    )
     for step in (1, 2):
         ranks = [json.loads((dump / f"rank{r}-step{step}.json").read_text()) for r in (0, 1)]
         assert all(r["world_size"] == 2 for r in ranks)
@@ -77,22 +85,10 @@ def test_ddp_ranks_compute_the_advantages_of_the_global_batch(tmp_path):
 
 def test_ddp_with_dynamic_sampling_updates_every_rank_at_the_same_step(tmp_path):
     # ranks keep different numbers of informative prompts; they update together, once the poorest has a full batch
-    dump = tmp_path / "dump"
-    command = [
-        sys.executable, "-m", "durian_lightning.cli", "fit",
-        "--model.model_name_or_path", "tiny:llava", "--model.num_generations", "4", "--model.max_new_tokens", "6",
-        "--model.loss_preset", "dapo", "--model.dynamic_sampling", "true",
-        "--model.reward_functions", "[tests.ddp_probe:color_question_reward]",
-        "--data.source", str(REPO / "data" / "synthetic"), "--data.batch_size", "3",
-        "--data.cache_dir", str(tmp_path / "entropy"), "--data.progress", "false",
-        "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
-        "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0",
-        "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path),
-        "--trainer.callbacks+=tests.ddp_probe.DumpRolloutCallback", f"--trainer.callbacks.folder={dump}",
-    ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "DURIAN_CACHE": str(tmp_path / "cache")}
-    returncode, stderr = run_process_group(command, env, timeout=300)
-    assert returncode == 0, stderr[-3000:]
+    dump = fit_on_two_ranks(
+        tmp_path, "--model.loss_preset", "dapo", "--model.dynamic_sampling", "true",
+        "--model.reward_functions", "[tests.ddp_probe:color_question_reward]", "--trainer.limit_val_batches", "0",
+    )
     for step in (1, 2):
         ranks = [json.loads((dump / f"rank{r}-step{step}.json").read_text()) for r in (0, 1)]
         assert len(ranks[0]["global_rewards"]) == 2 * 3 * 4  # every rank brought exactly one batch of 3 prompts
