@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
-import threading
 import time
 
 import torch
 
+from _memory import PeakMemory  # benchmarks/, the script's folder
 from durian_lightning.rollout import token_logprobs
 
 VARIANTS = ("plain", "token_logprobs")
@@ -30,40 +29,20 @@ def _plain(logits, tokens, temperature):
     return torch.log_softmax(logits.float() / temperature, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
-def _resident_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
 def run_one(variant: str, dtype: str, rows: int, length: int, vocab: int, temperature: float) -> dict:
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     logits = torch.randn(rows, length, vocab, device=device).to(getattr(torch, dtype)).requires_grad_()
     tokens = torch.randint(0, vocab, (rows, length), device=device)
     fn = _plain if variant == "plain" else token_logprobs
-    peak, sampling = [0.0], [True]
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        baseline = torch.cuda.memory_allocated() / 2**20
-    else:
-        baseline = _resident_mb()
-
-        def sample():
-            while sampling[0]:
-                peak[0] = max(peak[0], _resident_mb())
-                time.sleep(0.002)
-
-        threading.Thread(target=sample, daemon=True).start()
+    memory = PeakMemory(interval=0.002)
+    memory.start()
     start = time.perf_counter()
     out = fn(logits, tokens, temperature)
     out.sum().backward()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        peak[0] = torch.cuda.max_memory_allocated() / 2**20
+    added = memory.stop()["added_mb"]  # synchronises on a GPU
     seconds = time.perf_counter() - start
-    sampling[0] = False
-    return {"seconds": seconds, "added_mb": peak[0] - baseline, "logits_mb": logits.numel() * logits.element_size() / 2**20}
+    return {"seconds": seconds, "added_mb": added, "logits_mb": logits.numel() * logits.element_size() / 2**20}
 
 
 def main() -> None:

@@ -29,9 +29,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
+
+from _memory import PeakMemory  # benchmarks/, the script's folder
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "tiny:llava-format"
@@ -41,55 +42,32 @@ LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0,
 SIDES = ("ours-grpo", "ours-durian", "trl-grpo")
 
 
-def _resident_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
 class _Timer:
     """Wall time of each optimizer step (CUDA synchronised), the mean completion length of each step's rollouts
     (the step's cost grows with it, and the two sides' policies drift apart as they train), and the memory the
-    steps add: on a GPU torch's peak allocation, on the CPU the peak resident set sampled every 5 ms during the
-    steps minus the resident set before the first (imports, model and data are already loaded by then)."""
+    steps add (``_memory.PeakMemory`` from the first step on: imports, model and data are already loaded by then)."""
 
     def __init__(self):
         self.seconds: list[float] = []
         self.lengths: list[float] = []
         self._start = 0.0
-        self.baseline_mb: float | None = None
-        self.peak_mb = 0.0
-        self._sampling = False
+        self.memory: PeakMemory | None = None
 
     def start(self) -> None:
+        if self.memory is None:
+            self.memory = PeakMemory(interval=0.005)
+            self.memory.start()
         _synchronize()
-        if self.baseline_mb is None:
-            import torch
-
-            if torch.cuda.is_available():
-                torch.cuda.reset_peak_memory_stats()
-                self.baseline_mb = torch.cuda.memory_allocated() / 2**20
-            else:
-                self.baseline_mb = _resident_mb()
-                self._sampling = True
-                threading.Thread(target=self._sample, daemon=True).start()
         self._start = time.perf_counter()
 
     def stop(self) -> None:
         _synchronize()
         self.seconds.append(time.perf_counter() - self._start)
 
-    def _sample(self) -> None:
-        while self._sampling:
-            self.peak_mb = max(self.peak_mb, _resident_mb())
-            time.sleep(0.005)
-
     def result(self) -> dict:
-        import torch
-
-        self._sampling = False
-        peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else self.peak_mb
+        memory = self.memory.stop()
         return {"step_seconds": self.seconds, "completion_lengths": self.lengths,
-                "step_memory_mb": peak - self.baseline_mb, "peak_memory_mb": peak}
+                "step_memory_mb": memory["added_mb"], "peak_memory_mb": memory["peak_mb"]}
 
 
 def _data():
