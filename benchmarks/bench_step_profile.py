@@ -27,7 +27,7 @@ PHASES = ["generate", "reward", "old_logprobs", "ref_logprobs", "advantages", "p
 def profile(steps: int, kl_coef: float, root: str) -> dict:
     cli = run_cli(["fit", "--trainer.max_steps", str(steps), "--trainer.limit_val_batches", "0",
                    "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", root,
-                   "--model.kl_coef", str(kl_coef)])
+                   "--model.loss.kl_coef", str(kl_coef)])
     rows = list(csv.DictReader(open(Path(cli.trainer.log_dir) / "metrics.csv")))
     medians = {}
     for phase in PHASES:

@@ -27,18 +27,18 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-GRPO_LOSS = ["--model.loss_preset", "grpo", "--model.kl_coef", "0.0"]  # the default config's loss (no KL, as on CPU)
-DAPO_LOSS = ["--model.loss_preset", "dapo", "--model.dynamic_sampling", "true"]
+GRPO_LOSS = ["--model.loss.preset", "grpo", "--model.loss.kl_coef", "0.0"]  # the default config's loss (no KL, as on CPU)
+DAPO_LOSS = ["--model.loss.preset", "dapo", "--model.optimization.dynamic_sampling", "true"]
 CONFIGS: dict[str, list[str]] = {
-    "grpo": ["--model.estimator", "grpo", *GRPO_LOSS],
-    "dr_grpo": ["--model.estimator", "dr_grpo", *GRPO_LOSS],
-    "batch_std": ["--model.estimator", "batch", *GRPO_LOSS],
+    "grpo": ["--model.advantages.estimator", "grpo", *GRPO_LOSS],
+    "dr_grpo": ["--model.advantages.estimator", "dr_grpo", *GRPO_LOSS],
+    "batch_std": ["--model.advantages.estimator", "batch", *GRPO_LOSS],
     # Durian's variants keep alpha_ori = 0.1 and give the rest to one or both difficulty axes
-    "durian_perceptual": ["--model.estimator", "durian", "--model.alphas", "[0.1, 0.9, 0.0]", *GRPO_LOSS],
-    "durian_reasoning": ["--model.estimator", "durian", "--model.alphas", "[0.1, 0.0, 0.9]", *GRPO_LOSS],
-    "durian": ["--model.estimator", "durian", "--model.alphas", "[0.1, 0.2, 0.7]", *GRPO_LOSS],
-    "dapo": ["--model.estimator", "grpo", *DAPO_LOSS],
-    "durian_dapo": ["--model.estimator", "durian", "--model.alphas", "[0.1, 0.2, 0.7]", *DAPO_LOSS],
+    "durian_perceptual": ["--model.advantages.estimator", "durian", "--model.advantages.alphas", "[0.1, 0.9, 0.0]", *GRPO_LOSS],
+    "durian_reasoning": ["--model.advantages.estimator", "durian", "--model.advantages.alphas", "[0.1, 0.0, 0.9]", *GRPO_LOSS],
+    "durian": ["--model.advantages.estimator", "durian", "--model.advantages.alphas", "[0.1, 0.2, 0.7]", *GRPO_LOSS],
+    "dapo": ["--model.advantages.estimator", "grpo", *DAPO_LOSS],
+    "durian_dapo": ["--model.advantages.estimator", "durian", "--model.advantages.alphas", "[0.1, 0.2, 0.7]", *DAPO_LOSS],
 }
 
 

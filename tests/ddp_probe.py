@@ -28,7 +28,7 @@ class DumpRolloutCallback(L.Callback):
             json.dump(record, f)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        last = pl_module.last_rollout
+        last = pl_module.last_update
         if last is None:
             return
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -36,12 +36,11 @@ class DumpRolloutCallback(L.Callback):
             "rank": trainer.global_rank,
             "world_size": trainer.world_size,
             "ids": list(batch["id"]),
-            "global_rewards": last["rewards"].tolist(),
-            "global_entropy": last["visual_entropy"].tolist(),
-            "global_confidence": last["confidence"].tolist(),
-            "global_advantages": last["advantages"].tolist(),
-            "local_advantages": last["local_advantages"].tolist(),
-            "pending": len(pl_module._pending),
+            "global_rewards": last.batch.rewards.tolist(),
+            "global_entropy": last.batch.scores.visual_entropy.tolist(),
+            "global_confidence": last.batch.scores.confidence.tolist(),
+            "global_advantages": last.advantages.advantages.tolist(),
+            "local_advantages": last.local_advantages.tolist(),
             "lora_sums": [float(v.double().sum()) for k, v in sorted(pl_module.model.state_dict().items()) if "lora_" in k],
         }
         with open(self.folder / f"rank{trainer.global_rank}-step{trainer.global_step}.json", "w") as f:

@@ -35,7 +35,7 @@ def fit_on_two_ranks(tmp_path, *args: str):
     dump = tmp_path / "dump"
     command = [
         sys.executable, "-m", "durian_lightning.cli", "fit",
-        "--model.model_name_or_path", "tiny:llava", "--model.num_generations", "4", "--model.max_new_tokens", "6",
+        "--model.model_name_or_path", "tiny:llava", "--model.rollout.num_generations", "4", "--model.rollout.max_new_tokens", "6",
         "--data.source", str(REPO / "data" / "synthetic"), "--data.batch_size", "3",
         "--data.cache_dir", str(tmp_path / "entropy"), "--data.progress", "false",
         "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu", "--trainer.max_steps", "2",
@@ -51,7 +51,7 @@ def fit_on_two_ranks(tmp_path, *args: str):
 
 def test_ddp_ranks_compute_the_advantages_of_the_global_batch(tmp_path):
     dump = fit_on_two_ranks(
-        tmp_path, "--model.num_reasoning_groups", "3", "--model.reward_functions", "[tests.test_training:length_reward]",
+        tmp_path, "--model.advantages.num_reasoning_groups", "3", "--model.reward.functions", "[tests.test_training:length_reward]",
         "--data.eval_batch_size", "4", "--trainer.limit_val_batches", "1", "--trainer.val_check_interval", "2",
     )
     for step in (1, 2):
@@ -86,8 +86,8 @@ def test_ddp_ranks_compute_the_advantages_of_the_global_batch(tmp_path):
 def test_ddp_with_dynamic_sampling_updates_every_rank_at_the_same_step(tmp_path):
     # ranks keep different numbers of informative prompts; they update together, once the poorest has a full batch
     dump = fit_on_two_ranks(
-        tmp_path, "--model.loss_preset", "dapo", "--model.dynamic_sampling", "true",
-        "--model.reward_functions", "[tests.ddp_probe:color_question_reward]", "--trainer.limit_val_batches", "0",
+        tmp_path, "--model.loss.preset", "dapo", "--model.optimization.dynamic_sampling", "true",
+        "--model.reward.functions", "[tests.ddp_probe:color_question_reward]", "--trainer.limit_val_batches", "0",
     )
     for step in (1, 2):
         ranks = [json.loads((dump / f"rank{r}-step{step}.json").read_text()) for r in (0, 1)]

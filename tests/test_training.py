@@ -31,9 +31,9 @@ def _model_cache(tmp_path_factory, monkeypatch):
 def fit_args(tmp_path, model="tiny:llava", *extra):
     return [
         "--model.model_name_or_path", model,
-        "--model.num_generations", "2",
-        "--model.max_new_tokens", "6",
-        "--model.learning_rate", "1e-2",
+        "--model.rollout.num_generations", "2",
+        "--model.rollout.max_new_tokens", "6",
+        "--model.optimization.learning_rate", "1e-2",
         "--data.source", DATA,
         "--data.batch_size", "2",
         "--data.eval_batch_size", "4",
@@ -90,7 +90,7 @@ def test_fit_and_validate_through_the_cli(tmp_path, model):
 
 def test_only_lora_parameters_change(tmp_path):
     cli = run_cli(["fit", *fit_args(tmp_path, "tiny:llava", "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0",
-                                    "--model.reward_functions", "[tests.test_training:length_reward]")])
+                                    "--model.reward.functions", "[tests.test_training:length_reward]")])
     from transformers import AutoModelForImageTextToText
 
     from durian_lightning.models import resolve_model_path
@@ -174,15 +174,15 @@ def test_on_policy_steps_skip_the_old_logprob_pass(tmp_path):
     assert len(rows) == 2
     assert all(not r.get("perf/old_logprobs_s") and float(r["train/clip_fraction"]) == 0.0 for r in rows)
     # two PPO epochs re-use the batch after an update: the old pass runs
-    cli = run_cli(["fit", *fit_args(tmp_path / "two", "tiny:llava", "--model.ppo_epochs", "2", "--trainer.max_steps", "2",
+    cli = run_cli(["fit", *fit_args(tmp_path / "two", "tiny:llava", "--model.optimization.ppo_epochs", "2", "--trainer.max_steps", "2",
                                     "--trainer.limit_val_batches", "0")])
     assert all(r.get("perf/old_logprobs_s") for r in metrics(cli.trainer) if r.get("train/loss"))
 
 
 def test_one_rollout_batch_gives_the_configured_number_of_optimizer_steps(tmp_path):
     # 4 prompts per rollout batch, 2 per mini-batch, 2 PPO epochs -> 4 optimizer steps from one batch
-    cli = run_cli(["fit", *fit_args(tmp_path, "tiny:llava", "--data.batch_size", "4", "--model.mini_batch_size", "2",
-                                    "--model.ppo_epochs", "2", "--model.micro_batch_size", "3",
+    cli = run_cli(["fit", *fit_args(tmp_path, "tiny:llava", "--data.batch_size", "4", "--model.optimization.mini_batch_size", "2",
+                                    "--model.optimization.ppo_epochs", "2", "--model.optimization.micro_batch_size", "3",
                                     "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "0",
                                     "--trainer.max_epochs", "1")])
     assert cli.trainer.global_step == 4
@@ -254,7 +254,7 @@ def test_unknown_config_key_is_rejected_by_the_cli(tmp_path, capsys):
 
 def test_a_prompt_over_the_limit_is_named(tmp_path):
     with pytest.raises(ValueError, match=r"sample 'train-\d+' has \d+ prompt tokens .* over max_prompt_length=10"):
-        run_cli(["fit", *fit_args(tmp_path, "tiny:llava", "--model.max_prompt_length", "10", "--trainer.max_steps", "1")])
+        run_cli(["fit", *fit_args(tmp_path, "tiny:llava", "--model.rollout.max_prompt_length", "10", "--trainer.max_steps", "1")])
 
 
 def test_a_broken_reward_function_stops_the_step_with_its_name(tmp_path, monkeypatch):
@@ -265,13 +265,13 @@ def test_a_broken_reward_function_stops_the_step_with_its_name(tmp_path, monkeyp
     module.nan_reward = lambda completions, answers, **kw: [float("nan")] * len(completions)
     monkeypatch.setitem(sys.modules, "broken_rewards", module)
     with pytest.raises(ValueError, match="reward function 'broken_rewards:nan_reward' returned nan for completion 0"):
-        run_cli(["fit", *fit_args(tmp_path, "tiny:llava", "--model.reward_functions", "[broken_rewards:nan_reward]",
+        run_cli(["fit", *fit_args(tmp_path, "tiny:llava", "--model.reward.functions", "[broken_rewards:nan_reward]",
                                   "--trainer.max_steps", "1")])
 
 
 def test_dapo_preset_with_dynamic_sampling_runs(tmp_path):
-    cli = run_cli(["fit", *fit_args(tmp_path, "tiny:llava", "--model.loss_preset", "dapo", "--model.dynamic_sampling", "true",
-                                    "--model.reward_functions", "[tests.test_training:length_reward]",
+    cli = run_cli(["fit", *fit_args(tmp_path, "tiny:llava", "--model.loss.preset", "dapo", "--model.optimization.dynamic_sampling", "true",
+                                    "--model.reward.functions", "[tests.test_training:length_reward]",
                                     "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0")])
     assert cli.trainer.global_step == 2
     kept = [float(r["train/dynamic_sampling_kept"]) for r in metrics(cli.trainer) if r.get("train/dynamic_sampling_kept")]
@@ -286,7 +286,7 @@ def length_reward(completions, answers, **fields):
 
 
 def test_resuming_from_a_checkpoint_reproduces_the_uninterrupted_run(tmp_path):
-    common = ["--seed_everything", "7", "--model.reward_functions", "[tests.test_training:length_reward]",
+    common = ["--seed_everything", "7", "--model.reward.functions", "[tests.test_training:length_reward]",
               "--trainer.limit_val_batches", "0", "--trainer.max_steps", "3"]
     checkpointing = ["--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
                      "--trainer.callbacks.every_n_train_steps=2", "--trainer.callbacks.save_top_k=-1",
@@ -306,8 +306,8 @@ def test_resuming_from_a_checkpoint_reproduces_the_uninterrupted_run(tmp_path):
 
 
 def test_full_fine_tuning_with_a_frozen_reference_copy(tmp_path):
-    cli = run_cli(["fit", *fit_args(tmp_path, "tiny:llava", "--model.use_lora", "false", "--model.kl_coef", "0.05",
-                                    "--model.reward_functions", "[tests.test_training:length_reward]",
+    cli = run_cli(["fit", *fit_args(tmp_path, "tiny:llava", "--model.lora.enabled", "false", "--model.loss.kl_coef", "0.05",
+                                    "--model.reward.functions", "[tests.test_training:length_reward]",
                                     "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0")])
     module = cli.model
     reference = module._frozen_reference[0]
@@ -338,8 +338,8 @@ def test_accuracy_per_source_column(tmp_path):
                                     "source": row["question_type"]}) + "\n")
     # a graded reward (not 0 / 1 accuracy) so the per-source means differ
     cli = run_cli(["validate", *fit_args(tmp_path, "tiny:llava", "--data.source", str(data), "--data.eval_batch_size", "8",
-                                         "--model.reward_functions", "[tests.test_training:length_reward]",
-                                         "--model.eval_do_sample", "true", "--seed_everything", "1")])
+                                         "--model.reward.functions", "[tests.test_training:length_reward]",
+                                         "--model.evaluation.do_sample", "true", "--seed_everything", "1")])
     records = cli.model.eval_records
     assert len(records) == 8 and len({r["correct"] for r in records}) > 1
     metrics = cli.trainer.callback_metrics
@@ -350,7 +350,7 @@ def test_accuracy_per_source_column(tmp_path):
 
 
 def test_gradient_checkpointing_gives_the_same_update(tmp_path):
-    args = ["--seed_everything", "3", "--model.reward_functions", "[tests.test_training:length_reward]",
+    args = ["--seed_everything", "3", "--model.reward.functions", "[tests.test_training:length_reward]",
             "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0"]
     plain = run_cli(["fit", *fit_args(tmp_path / "a", "tiny:llava", *args)])
     checkpointed = run_cli(["fit", *fit_args(tmp_path / "b", "tiny:llava", *args, "--model.gradient_checkpointing", "true")])

@@ -21,3 +21,23 @@ def all_gather_records(trainer, records: list[dict[str, Any]]) -> list[dict[str,
     parts: list = [None] * trainer.world_size
     torch.distributed.all_gather_object(parts, list(records))
     return [record for part in parts for record in part]
+
+
+def min_over_ranks(value: int, world: int, device: torch.device | str = "cpu") -> int:
+    """The smallest ``value`` of any rank (every rank gets the same answer)."""
+    if world <= 1:
+        return value
+    count = torch.tensor([value], device=device)
+    torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MIN)
+    return int(count)
+
+
+def average_gradients(params: list[torch.nn.Parameter], world: int) -> None:
+    """Replace every gradient by its mean over ranks (the data-parallel update), in one flat all-reduce."""
+    if world <= 1:
+        return
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+    torch.distributed.all_reduce(flat)
+    flat /= world
+    for p, piece in zip(params, flat.split([p.numel() for p in params])):
+        p.grad = piece.view_as(p).clone()

@@ -29,8 +29,8 @@ Batch statistics are over what is passed in: in distributed training, gather the
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import Callable, Literal, Sequence
 
 import torch
 
@@ -119,21 +119,20 @@ def batch_std_advantages(
 
 
 @dataclass(frozen=True)
-class DurianAdvantages:
-    """Durian's advantages and what produced them, per rollout, for the loss and for logging.
+class Advantages:
+    """What every estimator returns: the advantage per rollout and, for logging, how it was made.
 
-    A term that was not used (its score absent or its alpha 0) has ``None`` for its tensors.
+    ``groups`` maps a difficulty axis (``"perceptual"``, ``"reasoning"``) to each rollout's group id on it and
+    ``group_stds`` to the shared std that rollout was divided by; ``terms`` holds the advantage terms a mixture
+    combines (Durian's ``"grpo"``, ``"perceptual"``, ``"reasoning"``) and ``alphas`` their weights. Estimators without
+    groups or terms leave them empty, so a caller never needs to know which estimator ran.
     """
 
-    advantages: torch.Tensor  # (N,) the combined advantage used by the loss
-    grpo: torch.Tensor  # (N,) A_grpo, the alpha_ori term
-    perceptual: torch.Tensor | None  # (N,) A_percep
-    reasoning: torch.Tensor | None  # (N,) A_reason
-    perceptual_group: torch.Tensor | None  # (N,) 0 (simple image) .. 2 (complex image)
-    reasoning_group: torch.Tensor | None  # (N,) 0 (least confident) .. b - 1
-    perceptual_std: torch.Tensor | None  # (N,) the shared std the perceptual term divided by
-    reasoning_std: torch.Tensor | None  # (N,) the shared std the reasoning term divided by
-    alphas: tuple[float, float, float]  # the weights applied (after dropping absent terms)
+    advantages: torch.Tensor  # (N,) what the loss uses
+    groups: dict[str, torch.Tensor] = field(default_factory=dict)  # axis -> (N,) group id
+    group_stds: dict[str, torch.Tensor] = field(default_factory=dict)  # axis -> (N,) shared std
+    terms: dict[str, torch.Tensor] = field(default_factory=dict)  # term -> (N,) advantages before mixing
+    alphas: tuple[float, ...] = ()  # the weights applied to ``terms`` (after dropping absent terms)
 
 
 def effective_alphas(
@@ -182,7 +181,7 @@ def durian_advantages(
     entropy_thresholds: torch.Tensor | Sequence[float] | None = None,
     eps: float = DEFAULT_EPS,
     num_prompts: int | None = None,
-) -> DurianAdvantages:
+) -> Advantages:
     """Durian: ``A = a_ori * A_grpo + a_percep * A_percep + a_reason * A_reason``.
 
     ``A_percep = (r - mean(prompt)) / (std(R_a) + eps)`` where ``R_a`` are all rewards of the prompts in the same
@@ -202,31 +201,84 @@ def durian_advantages(
 
     grpo, _ = _normalize(c, c.prompt_index, c.num_prompts, eps)
     combined = weights[0] * grpo
-    perceptual = perceptual_group = perceptual_std = None
+    terms, groups, stds = {"grpo": grpo}, {}, {}
     if weights[1] > 0:
-        prompt_group = perceptual_groups(entropy, percentiles, entropy_thresholds)
-        perceptual_group = prompt_group[c.prompt_index]
-        perceptual, perceptual_std = _normalize(c, perceptual_group, 3, eps)
-        combined = combined + weights[1] * perceptual
-    reasoning = reasoning_group = reasoning_std = None
+        groups["perceptual"] = perceptual_groups(entropy, percentiles, entropy_thresholds)[c.prompt_index]
+        terms["perceptual"], stds["perceptual"] = _normalize(c, groups["perceptual"], 3, eps)
+        combined = combined + weights[1] * terms["perceptual"]
     if weights[2] > 0:
-        prompt_group = reasoning_groups(conf, num_reasoning_groups)
-        reasoning_group = prompt_group[c.prompt_index]
+        groups["reasoning"] = reasoning_groups(conf, num_reasoning_groups)[c.prompt_index]
         num_groups = min(num_reasoning_groups, c.num_prompts)
-        reasoning, reasoning_std = _normalize(c, reasoning_group, num_groups, eps)
-        combined = combined + weights[2] * reasoning
+        terms["reasoning"], stds["reasoning"] = _normalize(c, groups["reasoning"], num_groups, eps)
+        combined = combined + weights[2] * terms["reasoning"]
 
-    def cast(t: torch.Tensor | None) -> torch.Tensor | None:
-        return None if t is None else t.to(c.out_dtype)
+    def cast(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {name: t.to(c.out_dtype) for name, t in values.items()}
 
-    return DurianAdvantages(
-        advantages=combined.to(c.out_dtype),
-        grpo=grpo.to(c.out_dtype),
-        perceptual=cast(perceptual),
-        reasoning=cast(reasoning),
-        perceptual_group=perceptual_group,
-        reasoning_group=reasoning_group,
-        perceptual_std=cast(perceptual_std),
-        reasoning_std=cast(reasoning_std),
-        alphas=weights,
+    return Advantages(combined.to(c.out_dtype), groups, cast(stds), cast(terms), weights)
+
+
+@dataclass(frozen=True)
+class DifficultyScores:
+    """Per-prompt difficulty scores handed to every estimator (each uses what it needs)."""
+
+    visual_entropy: torch.Tensor | None = None  # (P,) perceptual difficulty
+    confidence: torch.Tensor | None = None  # (P,) mean sequence log-prob of the prompt's rollouts
+    entropy_thresholds: torch.Tensor | None = None  # (2,) fixed perceptual thresholds; None: the batch's percentiles
+
+
+@dataclass(frozen=True)
+class AdvantageSettings:
+    """How advantages are computed.
+
+    Args:
+        estimator: a name in :data:`ESTIMATORS`: grpo, dr_grpo, batch or durian (or one you register).
+        alphas: Durian's (alpha_ori, alpha_percep, alpha_reason); (0.1, 0.9, 0) or (0.1, 0, 0.9) are the one-axis ablations.
+        num_reasoning_groups: b, equal-frequency groups of confidence (the paper finds 12-16 best).
+        percentiles: the two entropy percentiles splitting the three perceptual groups.
+        confidence_reduction: sequence log-prob as the token sum (the paper's formula) or the per-token mean.
+        entropy_thresholds: perceptual thresholds from the batch (the paper) or from the dataset's train entropies.
+        eps: added to every std.
+    """
+
+    estimator: str = "durian"
+    alphas: tuple[float, float, float] = (0.1, 0.2, 0.7)
+    num_reasoning_groups: int = 12
+    percentiles: tuple[float, float] = (0.25, 0.75)
+    confidence_reduction: Literal["sum", "mean"] = "sum"
+    entropy_thresholds: Literal["batch", "dataset"] = "batch"
+    eps: float = DEFAULT_EPS
+
+
+Estimator = Callable[[torch.Tensor, torch.Tensor, DifficultyScores, AdvantageSettings], Advantages]
+
+
+def _grpo(rewards, prompt_index, scores: DifficultyScores, settings: AdvantageSettings) -> Advantages:
+    return Advantages(grpo_advantages(rewards, prompt_index, eps=settings.eps))
+
+
+def _dr_grpo(rewards, prompt_index, scores: DifficultyScores, settings: AdvantageSettings) -> Advantages:
+    return Advantages(dr_grpo_advantages(rewards, prompt_index, eps=settings.eps))
+
+
+def _batch_std(rewards, prompt_index, scores: DifficultyScores, settings: AdvantageSettings) -> Advantages:
+    return Advantages(batch_std_advantages(rewards, prompt_index, eps=settings.eps))
+
+
+def _durian(rewards, prompt_index, scores: DifficultyScores, settings: AdvantageSettings) -> Advantages:
+    return durian_advantages(
+        rewards, prompt_index, visual_entropy=scores.visual_entropy, confidence=scores.confidence,
+        alphas=settings.alphas, num_reasoning_groups=settings.num_reasoning_groups, percentiles=settings.percentiles,
+        entropy_thresholds=scores.entropy_thresholds, eps=settings.eps,
     )
+
+
+ESTIMATORS: dict[str, Estimator] = {"grpo": _grpo, "dr_grpo": _dr_grpo, "batch": _batch_std, "durian": _durian}
+"""Every estimator by name: ``f(rewards, prompt_index, scores, settings) -> Advantages``. Register one by adding it."""
+
+
+def get_estimator(name: str) -> Estimator:
+    """The estimator registered as ``name``, or a ValueError listing the registered ones."""
+    if name not in ESTIMATORS:
+        raise ValueError(f"unknown estimator {name!r}; registered: {', '.join(sorted(ESTIMATORS))}")
+    return ESTIMATORS[name]

@@ -1,7 +1,8 @@
 """Callbacks that log what Durian does: difficulty-bucket statistics, completion samples, error vs. difficulty.
 
-They read ``pl_module.last_rollout`` (set by every update of :class:`~durian_lightning.module.DurianGRPO`) and
-``pl_module.eval_records`` (one entry per validation sample), so any module that fills those can use them.
+They read ``pl_module.last_update`` (an :class:`~durian_lightning.global_batch.UpdateRecord`, set by every update
+of :class:`~durian_lightning.module.DurianGRPO`) and ``pl_module.eval_records`` (one entry per evaluation sample), so
+any module that fills those can use them. Nothing here depends on which advantage estimator ran.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import lightning as L
 import torch
 
 from ._distributed import all_gather_records
+from .advantages import Advantages, grpo_advantages
 from .difficulty import perceptual_groups
 
 
@@ -22,63 +24,62 @@ def _log_dir(trainer) -> Path:
     return Path(trainer.log_dir or trainer.default_root_dir)
 
 
-def rollout_statistics(last: dict[str, Any]) -> dict[str, float]:
-    """Per-step statistics of a rollout batch (the paper's Appendix A, plus per-group detail for Durian).
+def rollout_statistics(rewards: torch.Tensor, num_generations: int, advantages: Advantages) -> dict[str, float]:
+    """Per-step statistics of a rollout batch (the paper's Appendix A, plus detail per difficulty group).
 
     ``all_equal_ratio``: prompts whose G rewards are all equal; ``extreme_ratio``: prompts where exactly one rollout
-    differs from the other G-1 (the 1-vs-(G-1) cases GRPO blows up); max |A| under GRPO beside the estimator's.
+    differs from the other G-1 (the 1-vs-(G-1) cases GRPO blows up); max |A| under GRPO beside the estimator's; and,
+    for every difficulty axis the estimator grouped by, per group: prompts, reward mean, shared std, mean |A|.
     """
-    g = last["num_generations"]
-    rewards = last["rewards"].view(-1, g)
-    high, low = rewards.amax(dim=1, keepdim=True), rewards.amin(dim=1, keepdim=True)
+    g = num_generations
+    per_prompt = rewards.view(-1, g)
+    high, low = per_prompt.amax(dim=1, keepdim=True), per_prompt.amin(dim=1, keepdim=True)
     all_equal = (high == low).squeeze(1)
-    n_high, n_low = (rewards == high).sum(dim=1), (rewards == low).sum(dim=1)
+    n_high, n_low = (per_prompt == high).sum(dim=1), (per_prompt == low).sum(dim=1)
     extreme = ~all_equal & ((n_high == 1) | (n_low == 1)) & (n_high + n_low == g)
+    grpo = grpo_advantages(rewards, torch.arange(per_prompt.shape[0], device=rewards.device).repeat_interleave(g))
+    values = advantages.advantages
     stats = {
         "difficulty/all_equal_ratio": float(all_equal.float().mean()),
         "difficulty/extreme_ratio": float(extreme.float().mean()),
-        "difficulty/max_abs_advantage": float(last["advantages"].abs().max()),
-        "difficulty/max_abs_advantage_grpo": float(last["grpo_advantages"].abs().max()),
-        "difficulty/mean_abs_advantage": float(last["advantages"].abs().mean()),
+        "difficulty/max_abs_advantage": float(values.abs().max()),
+        "difficulty/max_abs_advantage_grpo": float(grpo.abs().max()),
+        "difficulty/mean_abs_advantage": float(values.abs().mean()),
     }
-    details = last.get("durian")
-    if details is None:
-        return stats
-    for axis, group_ids, stds in (("perceptual", details.perceptual_group, details.perceptual_std),
-                                  ("reasoning", details.reasoning_group, details.reasoning_std)):
-        if group_ids is None:
-            continue
+    for axis, group_ids in advantages.groups.items():
         prompt_groups = group_ids.view(-1, g)[:, 0]
         for k in prompt_groups.unique().tolist():
             rows = group_ids == k
             prefix = f"difficulty/{axis}_{k}"
             stats[f"{prefix}/prompts"] = float((prompt_groups == k).sum())
-            stats[f"{prefix}/reward_mean"] = float(last["rewards"][rows].mean())
-            stats[f"{prefix}/shared_std"] = float(stds[rows][0])
-            stats[f"{prefix}/mean_abs_advantage"] = float(last["advantages"][rows].abs().mean())
+            stats[f"{prefix}/reward_mean"] = float(rewards[rows].mean())
+            stats[f"{prefix}/shared_std"] = float(advantages.group_stds[axis][rows][0])
+            stats[f"{prefix}/mean_abs_advantage"] = float(values[rows].abs().mean())
     return stats
 
 
 class DifficultyStatsCallback(L.Callback):
-    """Logs :func:`rollout_statistics` after every update."""
+    """Logs :func:`rollout_statistics` of the global batch after every update."""
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        last = getattr(pl_module, "last_rollout", None)
-        if last is None:
+        record = getattr(pl_module, "last_update", None)
+        if record is None:
             return
-        pl_module.log_dict(rollout_statistics(last), on_step=True, on_epoch=False)
+        stats = rollout_statistics(record.batch.rewards, record.batch.num_generations, record.advantages)
+        pl_module.log_dict(stats, on_step=True, on_epoch=False)
 
 
 class CompletionSamplesCallback(L.Callback):
-    """On the first update and every ``every_n_steps`` after, appends ``num_samples`` completions with their rewards to a JSONL file."""
+    """On the first update and every ``every_n_steps`` after, appends ``num_samples`` of rank 0's completions with
+    their rewards and advantages to a JSONL file."""
 
     def __init__(self, every_n_steps: int = 10, num_samples: int = 4, filename: str = "completions.jsonl"):
         self.every_n_steps, self.num_samples, self.filename = every_n_steps, num_samples, filename
         self.updates_seen = 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        last = getattr(pl_module, "last_rollout", None)
-        if last is None:
+        record = getattr(pl_module, "last_update", None)
+        if record is None:
             return
         self.updates_seen += 1
         if (self.updates_seen - 1) % self.every_n_steps:  # the 1st, then every n-th
@@ -88,16 +89,16 @@ class CompletionSamplesCallback(L.Callback):
             return
         path = folder / self.filename
         path.parent.mkdir(parents=True, exist_ok=True)
-        g = last["num_generations"]
+        local, g = record.local, record.local.num_generations
         samples = [
             {
                 "step": trainer.global_step,
-                "id": last["ids"][row // g],
-                "completion": last["completions"][row],
-                "reward": float(last["rewards"][row]),
-                "advantage": float(last["advantages"][row]),
+                "id": local.ids[row // g],
+                "completion": local.rollout.completions[row],
+                "reward": float(local.rewards[row]),
+                "advantage": float(record.local_advantages[row]),
             }
-            for row in range(min(self.num_samples, len(last["completions"])))
+            for row in range(min(self.num_samples, len(local.rollout)))
         ]
         with open(path, "a") as f:
             f.writelines(json.dumps(sample) + "\n" for sample in samples)
@@ -164,10 +165,7 @@ class ErrorVsDifficultyCallback(L.Callback):
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         records = all_gather_records(trainer, getattr(pl_module, "eval_records", []))  # every rank's samples
-        datamodule = getattr(trainer, "datamodule", None)
-        percentiles = getattr(getattr(pl_module, "hparams", None), "percentiles", (0.25, 0.75))  # the module's groups
-        thresholds = (datamodule.entropy_thresholds(percentiles)
-                      if datamodule is not None and hasattr(datamodule, "entropy_thresholds") else None)
+        thresholds = pl_module.perceptual_thresholds() if hasattr(pl_module, "perceptual_thresholds") else None
         stats = error_by_difficulty(records, thresholds)
         if not stats:
             return

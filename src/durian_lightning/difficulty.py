@@ -1,6 +1,6 @@
 """Difficulty scores of Durian and the grouping of prompts by them.
 
-Two axes (DESIGN.md section 1):
+Two axes (docs/method.md):
 
 * perceptual difficulty = the spectral entropy of an image's patch features, computed once per image;
 * reasoning difficulty = the policy's confidence in its own rollouts, computed every step.

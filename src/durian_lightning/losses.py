@@ -92,6 +92,8 @@ def aggregation_numerator(
 ) -> torch.Tensor:
     """The summed part of an aggregation: over micro-batches, these add up; divide the total by
     :func:`aggregation_denominator` of the whole batch to get :func:`aggregate_loss`."""
+    if tuple(token_loss.shape) != tuple(mask.shape) or token_loss.dim() != 2:
+        raise ValueError(f"token_loss and mask must both be (N, T); got {tuple(token_loss.shape)} and {tuple(mask.shape)}")
     weights = mask.to(token_loss.dtype)
     # where() rather than multiply: padded positions may hold inf or NaN (e.g. exp of a huge log-ratio)
     masked = torch.where(weights > 0, token_loss * weights, torch.zeros_like(token_loss))
@@ -132,8 +134,6 @@ def aggregate_loss(
     ``normalizer`` is only used by ``seq-mean-token-sum`` (default: ``T``). Raises if the mask has no real token,
     where every mode is undefined.
     """
-    if tuple(token_loss.shape) != tuple(mask.shape) or token_loss.dim() != 2:
-        raise ValueError(f"token_loss and mask must both be (N, T); got {tuple(token_loss.shape)} and {tuple(mask.shape)}")
     return aggregation_numerator(token_loss, mask, mode, normalizer) / aggregation_denominator(mask, mode)
 
 
@@ -181,8 +181,20 @@ def policy_loss(
     mask: torch.Tensor,
     ref_logprobs: torch.Tensor | None = None,
     config: PolicyLossConfig = PolicyLossConfig(),
+    denominator: float | None = None,
 ) -> PolicyLoss:
-    """Clipped surrogate plus ``kl_coef`` times the KL estimate, both aggregated with ``config.aggregation``."""
+    """Clipped surrogate plus ``kl_coef`` times the KL estimate, both aggregated with ``config.aggregation``.
+
+    ``denominator`` is :func:`aggregation_denominator` of the whole batch when this call sees one micro-batch of it:
+    the micro-batches' ``loss``, ``policy_loss`` and ``kl`` then add up exactly to the whole batch's. By default it is
+    this batch's own. ``clip_fraction`` is always this call's share of clipped real tokens.
+    """
+    if denominator is None:
+        denominator = aggregation_denominator(mask, config.aggregation)
+
+    def aggregate(token_values: torch.Tensor) -> torch.Tensor:
+        return aggregation_numerator(token_values, mask, config.aggregation, config.normalizer) / denominator
+
     surrogate = clipped_surrogate(logprobs, old_logprobs, advantages, config.eps_low, config.eps_high)
     token_loss = surrogate
     kl_value = logprobs.new_zeros(())
@@ -191,10 +203,10 @@ def policy_loss(
             raise ValueError(f"kl_coef={config.kl_coef} needs ref_logprobs; pass them or set kl_coef=0")
         kl = kl_penalty(logprobs, ref_logprobs, config.kl_estimator)
         token_loss = surrogate + config.kl_coef * kl
-        kl_value = aggregate_loss(kl.detach(), mask, config.aggregation, config.normalizer)
-    loss = aggregate_loss(token_loss, mask, config.aggregation, config.normalizer)
+        kl_value = aggregate(kl.detach())
+    loss = aggregate(token_loss)
     with torch.no_grad():
         clipped = clipped_tokens(logprobs, old_logprobs, advantages, config.eps_low, config.eps_high)
         clip_fraction = aggregate_loss(clipped.to(logprobs.dtype), mask, "token-mean")
-        pg = aggregate_loss(surrogate.detach(), mask, config.aggregation, config.normalizer)
+        pg = aggregate(surrogate.detach())
     return PolicyLoss(loss=loss, policy_loss=pg, kl=kl_value, clip_fraction=clip_fraction)

@@ -28,20 +28,45 @@ class SamplingConfig:
     do_sample: bool = True
 
 
-@dataclass
+@dataclass(frozen=True)
 class Rollout:
-    """G completions per prompt, flattened: row ``i`` answers prompt ``prompt_index[i]``."""
+    """Completions flattened to rows, G consecutive rows per prompt (row ``i`` answers prompt ``i // G``)."""
 
     prompts: list[str]  # (N,) rendered prompt text per row
     images: list[list[Image.Image]]  # (N,) images per row
-    prompt_index: torch.Tensor  # (N,) long
     completion_ids: torch.Tensor  # (N, T)
     completion_mask: torch.Tensor  # (N, T) 1 up to and including the first EOS
     completions: list[str]  # (N,) decoded completion text (special tokens dropped)
-    sampled_logprobs: torch.Tensor | None = None  # (N, T) log-prob of each token when it was sampled (float32)
+    sampled_logprobs: torch.Tensor  # (N, T) log-prob of each token when it was sampled (float32), 0 after EOS
 
     def __len__(self) -> int:
         return len(self.prompts)
+
+    def select(self, rows: Sequence[int]) -> "Rollout":
+        """These rows, in this order."""
+        rows = list(rows)
+        return Rollout(
+            prompts=[self.prompts[i] for i in rows], images=[self.images[i] for i in rows],
+            completion_ids=self.completion_ids[rows], completion_mask=self.completion_mask[rows],
+            completions=[self.completions[i] for i in rows], sampled_logprobs=self.sampled_logprobs[rows],
+        )
+
+    @staticmethod
+    def concat(parts: Sequence["Rollout"]) -> "Rollout":
+        """Rows of every part in order; completion tensors right-padded to the widest part (mask 0 there)."""
+        width = max(part.completion_ids.shape[1] for part in parts)
+        return Rollout(
+            prompts=[p for part in parts for p in part.prompts], images=[im for part in parts for im in part.images],
+            completion_ids=torch.cat([pad_completions(part.completion_ids, width) for part in parts]),
+            completion_mask=torch.cat([pad_completions(part.completion_mask, width) for part in parts]),
+            completions=[c for part in parts for c in part.completions],
+            sampled_logprobs=torch.cat([pad_completions(part.sampled_logprobs, width) for part in parts]),
+        )
+
+
+def pad_completions(values: torch.Tensor, width: int) -> torch.Tensor:
+    """Right-pad ``(N, T)`` completion values with zeros to ``(N, width)`` (padded positions are masked out)."""
+    return torch.nn.functional.pad(values, (0, width - values.shape[1]))
 
 
 def encode_prompts(processor, prompts: Sequence[str], images: Sequence[Sequence[Image.Image]], max_prompt_length: int | None, ids: Sequence[str] | None = None):
@@ -171,8 +196,7 @@ def generate_rollouts(
     mask = completion_mask_after_eos(completion_ids, eos_ids)
     sampled_logprobs = recorder.finish(completion_ids) * mask
     texts = processor.tokenizer.batch_decode(completion_ids * mask + processor.tokenizer.pad_token_id * (1 - mask), skip_special_tokens=True)
-    prompt_index = torch.arange(len(prompts)).repeat_interleave(num_generations)
-    return Rollout(rows_prompts, rows_images, prompt_index, completion_ids, mask.to(completion_ids.device), texts, sampled_logprobs)
+    return Rollout(rows_prompts, rows_images, completion_ids, mask.to(completion_ids.device), texts, sampled_logprobs)
 
 
 def completion_logprobs(model, processor, rollout: Rollout, rows: torch.Tensor | Sequence[int], temperature: float = 1.0) -> torch.Tensor:

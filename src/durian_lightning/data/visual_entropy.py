@@ -38,7 +38,7 @@ def weights_fingerprint(module: torch.nn.Module) -> str:
 
 
 class SpectralEntropyScorer:
-    """Spectral entropy (DESIGN.md section 1) of the patch features of a VLM's vision encoder.
+    """Spectral entropy (docs/method.md) of the patch features of a VLM's vision encoder.
 
     Works with LLaVA-style models (a ``vision_tower`` + ``multi_modal_projector``) and Qwen-VL-style models (a
     ``visual`` ViT ending in a patch merger). ``feature_source="vision_tower"`` takes the encoder's hidden state number

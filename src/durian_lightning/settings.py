@@ -1,0 +1,202 @@
+"""The training module's settings, one dataclass per concept; LightningCLI shows each as a nested group
+(``--model.rollout.num_generations 8``, or ``rollout:`` in a YAML file).
+
+Each dataclass checks its own values when built, so an impossible setting fails before any data or model loads.
+Plain dataclasses: importable without Lightning or a model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from .advantages import AdvantageSettings
+from .losses import Aggregation, KLEstimator, PolicyLossConfig
+from .models.loading import DEFAULT_LORA_TARGETS
+from .rewards import WeightedReward
+from .rollout import SamplingConfig
+
+__all__ = [
+    "AdvantageSettings",
+    "EvaluationSettings",
+    "LoraSettings",
+    "LossSettings",
+    "OptimizationSettings",
+    "RewardSettings",
+    "RolloutSettings",
+]
+
+
+def _at_least(name: str, value: int | float, low: int | float) -> None:
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """The LoRA adapter (peft).
+
+    Args:
+        enabled: train a LoRA adapter (True) or every weight (False; a frozen copy is then the KL reference).
+        r: LoRA rank.
+        alpha: LoRA scaling numerator (scale = alpha / r).
+        dropout: dropout on the LoRA path.
+        target_modules: regex of module names to adapt; the default adapts the language model's attention
+            projections (never the vision tower); configs/default.yaml adds its MLP projections.
+    """
+
+    enabled: bool = True
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: str = DEFAULT_LORA_TARGETS
+
+    def __post_init__(self) -> None:
+        _at_least("lora.r", self.r, 1)
+
+
+@dataclass(frozen=True)
+class RolloutSettings:
+    """Sampling the G training rollouts per prompt.
+
+    Args:
+        num_generations: G, rollouts per prompt (>= 2: advantages compare the rollouts of a prompt).
+        max_new_tokens: completion length limit.
+        temperature: sampling temperature (the log-probs use the same one).
+        top_p: nucleus sampling threshold (1.0 = off).
+        top_k: top-k sampling (0 = off).
+        max_prompt_length: a prompt longer than this many tokens (images included) is an error naming the sample.
+    """
+
+    num_generations: int = 8
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_prompt_length: int = 2048
+
+    def __post_init__(self) -> None:
+        if self.num_generations < 2:
+            raise ValueError(
+                f"num_generations must be >= 2 (advantages compare rollouts of a prompt), got {self.num_generations}"
+            )
+        _at_least("max_new_tokens", self.max_new_tokens, 1)
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+
+    def sampling(self) -> SamplingConfig:
+        return SamplingConfig(self.max_new_tokens, self.temperature, self.top_p, self.top_k, do_sample=True)
+
+
+@dataclass(frozen=True)
+class EvaluationSettings:
+    """Validation, test and predict generation (one completion per prompt).
+
+    Args:
+        max_new_tokens: completion length (default: the rollouts').
+        do_sample: sample at the rollout temperature instead of greedy decoding.
+    """
+
+    max_new_tokens: int | None = None
+    do_sample: bool = False
+
+    def sampling(self, rollout: RolloutSettings) -> SamplingConfig:
+        return SamplingConfig(self.max_new_tokens or rollout.max_new_tokens, rollout.temperature, rollout.top_p,
+                              rollout.top_k, do_sample=self.do_sample)
+
+
+@dataclass(frozen=True)
+class RewardSettings:
+    """The verifiable reward.
+
+    Args:
+        functions: import paths ``pkg.mod:fn`` of reward functions; default: the paper's 0.1 format + 0.9 accuracy.
+        weights: one weight per reward function (default 1.0 each).
+    """
+
+    functions: list[str] | None = None
+    weights: list[float] | None = None
+
+    def __post_init__(self) -> None:
+        if self.functions and self.weights is not None and len(self.weights) != len(self.functions):
+            raise ValueError(f"{len(self.functions)} reward functions but {len(self.weights)} reward weights")
+
+    def build(self) -> WeightedReward:
+        """The weighted reward (importing every function now, so a wrong path fails before any compute)."""
+        if not self.functions:
+            return WeightedReward.paper_default()
+        weights = self.weights or [1.0] * len(self.functions)
+        return WeightedReward([(fn, fn, weight) for fn, weight in zip(self.functions, weights)])
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """The policy loss: a preset, and any knob of it overridden.
+
+    Args:
+        preset: grpo (clip 0.2, k3 KL 0.01, seq-mean-token-mean) or dapo (clip 0.2 / 0.28, no KL, token-mean).
+        eps_low: lower clip range (overrides the preset).
+        eps_high: upper clip range (overrides the preset).
+        kl_coef: KL penalty coefficient (overrides the preset).
+        kl_estimator: k1, k2, k3 or low_var_kl (overrides the preset).
+        aggregation: token-mean, seq-mean-token-mean or seq-mean-token-sum (overrides the preset).
+    """
+
+    preset: Literal["grpo", "dapo"] = "grpo"
+    eps_low: float | None = None
+    eps_high: float | None = None
+    kl_coef: float | None = None
+    kl_estimator: KLEstimator | None = None
+    aggregation: Aggregation | None = None
+
+    def __post_init__(self) -> None:
+        self.resolve()  # an unknown preset fails here
+
+    def resolve(self) -> PolicyLossConfig:
+        """The preset with the overrides applied."""
+        overrides = {name: value for name, value in (
+            ("eps_low", self.eps_low), ("eps_high", self.eps_high), ("kl_coef", self.kl_coef),
+            ("kl_estimator", self.kl_estimator), ("aggregation", self.aggregation)) if value is not None}
+        return PolicyLossConfig.preset(self.preset, **overrides)
+
+
+@dataclass(frozen=True)
+class OptimizationSettings:
+    """How one rollout batch becomes optimizer steps.
+
+    Args:
+        learning_rate: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        warmup_steps: linear learning-rate warm-up, in optimizer steps.
+        max_grad_norm: gradient clipping norm.
+        rollout_batch_size: prompts per update (default: the dataloader's batch size).
+        mini_batch_size: prompts per optimizer step; must divide the rollout batch (default: all of it).
+        micro_batch_size: rollouts per forward/backward (gradient accumulation; memory only, the update is the same).
+        ppo_epochs: passes over each rollout batch.
+        dynamic_sampling: DAPO's filter: drop prompts whose G rewards are all equal and update once rollout_batch_size
+            informative prompts are collected.
+    """
+
+    learning_rate: float = 1e-5
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    rollout_batch_size: int | None = None
+    mini_batch_size: int | None = None
+    micro_batch_size: int = 16
+    ppo_epochs: int = 1
+    dynamic_sampling: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("micro_batch_size", "ppo_epochs"):
+            _at_least(name, getattr(self, name), 1)
+        if self.rollout_batch_size is not None and self.mini_batch_size is not None and self.rollout_batch_size % self.mini_batch_size:
+            raise ValueError(f"mini_batch_size={self.mini_batch_size} must divide rollout_batch_size={self.rollout_batch_size}")
+
+    def batch_sizes(self, loader_batch_size: int) -> tuple[int, int]:
+        """``(rollout_batch_size, mini_batch_size)`` in prompts for a dataloader batch of ``loader_batch_size``."""
+        rollout = self.rollout_batch_size or loader_batch_size
+        mini = self.mini_batch_size or rollout
+        if rollout % mini:
+            raise ValueError(f"mini_batch_size={mini} must divide the rollout batch of {rollout} prompts")
+        return rollout, mini

@@ -1,0 +1,91 @@
+"""The update stage: PPO-style passes over a rollout batch, in mini-batches (one optimizer step each) and
+micro-batches (gradient accumulation, memory only).
+
+    rollout batch (P prompts x G rollouts)
+      -> ``ppo_epochs`` passes over mini-batches of ``mini_batch_size`` prompts: one optimizer step each
+        -> micro-batches of ``micro_batch_size`` rollouts: forward + backward, gradients accumulate
+
+Each micro-batch's loss is :func:`~durian_lightning.losses.policy_loss` with the mini-batch's aggregation
+denominator, so the accumulated gradient is exactly that of the mini-batch loss, whatever the micro-batch size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .losses import PolicyLossConfig, aggregation_denominator, policy_loss
+from .rollout import Rollout
+
+
+@dataclass(frozen=True)
+class UpdateBatch:
+    """This rank's rollouts and what the loss needs of them (rows prompt-major, G per prompt)."""
+
+    rollout: Rollout
+    advantages: torch.Tensor  # (N,) float32
+    num_generations: int
+    old_logprobs: torch.Tensor | None = None  # (N, T); None: on-policy, see ppo_update
+    ref_logprobs: torch.Tensor | None = None  # (N, T); needed when the loss has a KL term
+
+
+@dataclass(frozen=True)
+class UpdateStats:
+    loss: float  # mean over optimizer steps of the mini-batch loss
+    kl: float  # mean over optimizer steps of the aggregated KL estimate (0 without a KL term)
+    clip_fraction: float  # share of all real tokens (over every pass) where the clipped branch was taken
+    optimizer_steps: int
+
+
+def ppo_update(
+    batch: UpdateBatch,
+    logprobs: Callable[[torch.Tensor], torch.Tensor],
+    loss_config: PolicyLossConfig,
+    mini_batch_size: int,
+    micro_batch_size: int,
+    ppo_epochs: int,
+    backward: Callable[[torch.Tensor], None],
+    optimizer_step: Callable[[], None],
+) -> UpdateStats:
+    """Run the passes; returns their statistics.
+
+    ``logprobs(rows)`` gives the current policy's ``(len(rows), T)`` completion log-probs with gradients;
+    ``backward(loss)`` accumulates gradients; ``optimizer_step()`` applies them and zeroes them (gradients must be
+    zero on entry). ``mini_batch_size`` is in prompts, ``micro_batch_size`` in rollouts.
+
+    Without ``old_logprobs`` the update is on-policy: its single optimizer step uses its own forward's detached
+    log-probs as the old ones, which is exact (the weights have not moved, the ratio is 1) and saves a forward pass.
+    That is only valid for one optimizer step per batch, so anything else is refused.
+    """
+    g = batch.num_generations
+    num_prompts = len(batch.rollout) // g
+    if batch.old_logprobs is None and (ppo_epochs > 1 or mini_batch_size < num_prompts):
+        raise ValueError("old_logprobs are needed when a batch feeds more than one optimizer step")
+    mask = batch.rollout.completion_mask.to(batch.advantages.device)
+    step_losses, step_kls = [], []
+    clipped = tokens = 0.0
+    for _ in range(ppo_epochs):
+        for first in range(0, num_prompts, mini_batch_size):
+            rows = torch.arange(first * g, min(num_prompts, first + mini_batch_size) * g)
+            denominator = aggregation_denominator(mask[rows], loss_config.aggregation)
+            step_loss = step_kl = 0.0
+            for chunk in rows.split(micro_batch_size):
+                current = logprobs(chunk)
+                old = current.detach() if batch.old_logprobs is None else batch.old_logprobs[chunk]
+                ref = None if batch.ref_logprobs is None else batch.ref_logprobs[chunk]
+                out = policy_loss(current, old, batch.advantages[chunk], mask[chunk], ref, loss_config, denominator)
+                backward(out.loss)
+                step_loss += float(out.loss.detach())
+                step_kl += float(out.kl)
+                chunk_tokens = float(mask[chunk].sum())
+                clipped += float(out.clip_fraction) * chunk_tokens
+                tokens += chunk_tokens
+            optimizer_step()
+            step_losses.append(step_loss)
+            step_kls.append(step_kl)
+    return UpdateStats(
+        loss=sum(step_losses) / len(step_losses), kl=sum(step_kls) / len(step_kls),
+        clip_fraction=clipped / max(tokens, 1.0), optimizer_steps=len(step_losses),
+    )
