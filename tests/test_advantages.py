@@ -6,10 +6,15 @@ import pytest
 import torch
 
 from durian_lightning.advantages import (
+    ESTIMATORS,
+    AdvantageSettings,
+    Advantages,
+    DifficultyScores,
     batch_std_advantages,
     dr_grpo_advantages,
     durian_advantages,
     effective_alphas,
+    get_estimator,
     grpo_advantages,
     group_std,
 )
@@ -64,17 +69,17 @@ def test_durian_by_hand():
     s_grpo = [0.5] * 8 + [math.sqrt(1 / 3)] * 4
     s_percep = [math.sqrt(2 / 7)] * 8 + [math.sqrt(1 / 3)] * 4
     s_reason = [math.sqrt(120 / 448)] * 4 + [0.5] * 4 + [math.sqrt(120 / 448)] * 4
-    torch.testing.assert_close(out.grpo, expected(s_grpo))
-    torch.testing.assert_close(out.perceptual, expected(s_percep))
-    torch.testing.assert_close(out.reasoning, expected(s_reason))
-    torch.testing.assert_close(out.perceptual_std, torch.tensor(s_percep))
-    torch.testing.assert_close(out.reasoning_std, torch.tensor(s_reason))
+    torch.testing.assert_close(out.terms["grpo"], expected(s_grpo))
+    torch.testing.assert_close(out.terms["perceptual"], expected(s_percep))
+    torch.testing.assert_close(out.terms["reasoning"], expected(s_reason))
+    torch.testing.assert_close(out.group_stds["perceptual"], torch.tensor(s_percep))
+    torch.testing.assert_close(out.group_stds["reasoning"], torch.tensor(s_reason))
     combined = 0.1 * expected(s_grpo) + 0.2 * expected(s_percep) + 0.7 * expected(s_reason)
     torch.testing.assert_close(out.advantages, combined)
     # first rollout: 0.1*0.5 + 0.2*0.25/sqrt(2/7) + 0.7*0.25/sqrt(120/448), written out
     assert out.advantages[0].item() == pytest.approx(0.05 + 0.0935414 + 0.3381321, abs=1e-6)
-    assert out.perceptual_group.tolist() == [0] * 8 + [2] * 4
-    assert out.reasoning_group.tolist() == [0] * 4 + [1] * 4 + [0] * 4
+    assert out.groups["perceptual"].tolist() == [0] * 8 + [2] * 4
+    assert out.groups["reasoning"].tolist() == [0] * 4 + [1] * 4 + [0] * 4
     assert out.alphas == (0.1, 0.2, 0.7)
 
 
@@ -83,8 +88,8 @@ def test_durian_with_one_group_per_prompt_equals_grpo():
     confidence = torch.tensor([-1.0, -2.0, -3.0])
     out = durian_advantages(REWARDS, PROMPT, visual_entropy=entropy, confidence=confidence, num_reasoning_groups=12)
     grpo = grpo_advantages(REWARDS, PROMPT)
-    torch.testing.assert_close(out.perceptual, grpo)
-    torch.testing.assert_close(out.reasoning, grpo)
+    torch.testing.assert_close(out.terms["perceptual"], grpo)
+    torch.testing.assert_close(out.terms["reasoning"], grpo)
     torch.testing.assert_close(out.advantages, grpo)
 
 
@@ -98,7 +103,7 @@ def test_durian_with_one_group_for_the_batch_equals_batch_std():
     one_perceptual_group = durian_advantages(
         rewards, prompt, visual_entropy=torch.rand(10) + 1, alphas=(0, 1, 0), entropy_thresholds=(0.0, 5.0)
     )
-    assert one_perceptual_group.perceptual_group.unique().tolist() == [1]
+    assert one_perceptual_group.groups["perceptual"].unique().tolist() == [1]
     torch.testing.assert_close(one_perceptual_group.advantages, batch)
     # and by the formula: (r - prompt mean) / (one unbiased std over all rewards + eps)
     centred = rewards - rewards.view(10, 4).mean(1).repeat_interleave(4)
@@ -126,7 +131,7 @@ def test_seven_right_one_wrong_gets_a_smaller_advantage_in_a_mixed_group():
     prompt = torch.arange(3).repeat_interleave(8)
     grpo = grpo_advantages(rewards, prompt)
     out = durian_advantages(rewards, prompt, confidence=torch.tensor([-9.0, -5.0, -1.0]), alphas=(0, 0, 1), num_reasoning_groups=2)
-    assert out.reasoning_group.view(3, 8)[:, 0].tolist() == [0, 0, 1]
+    assert out.groups["reasoning"].view(3, 8)[:, 0].tolist() == [0, 0, 1]
     # GRPO: the lone wrong answer gets (0 - 7/8) / sqrt(1/8) = -2.47; the shared std shrinks it
     assert grpo[7].item() == pytest.approx(-0.875 / math.sqrt(1 / 8), abs=1e-4)
     assert abs(out.advantages[7]) < abs(grpo[7])
@@ -222,9 +227,9 @@ def test_effective_alphas_drop_an_absent_term_and_rescale():
 def test_reasoning_only_ablation_by_passing_only_confidence():
     confidence = torch.tensor([-5.0, -1.0, -3.0])
     only = durian_advantages(REWARDS, PROMPT, confidence=confidence, num_reasoning_groups=2)
-    assert only.perceptual is None and only.perceptual_group is None
+    assert "perceptual" not in only.terms and "perceptual" not in only.groups and "perceptual" not in only.group_stds
     assert only.alphas == pytest.approx((0.125, 0.0, 0.875))
-    torch.testing.assert_close(only.advantages, 0.125 * only.grpo + 0.875 * only.reasoning)
+    torch.testing.assert_close(only.advantages, 0.125 * only.terms["grpo"] + 0.875 * only.terms["reasoning"])
     zero_alpha = durian_advantages(REWARDS, PROMPT, visual_entropy=torch.ones(3), confidence=confidence, alphas=(0.125, 0, 0.875), num_reasoning_groups=2)
     torch.testing.assert_close(zero_alpha.advantages, only.advantages)
 
@@ -264,3 +269,53 @@ def test_bad_input_raises_a_clear_error(rewards, prompt, kwargs, message):
 def test_durian_bad_input_raises_a_clear_error(kwargs, message):
     with pytest.raises(ValueError, match=message):
         durian_advantages(REWARDS, PROMPT, **kwargs)
+
+
+SCORES = DifficultyScores(visual_entropy=torch.tensor([1.0, 1.0, 3.0]), confidence=torch.tensor([-5.0, -1.0, -3.0]))
+
+
+@pytest.mark.parametrize("name, plain", [
+    ("grpo", lambda: grpo_advantages(REWARDS, PROMPT)),
+    ("dr_grpo", lambda: dr_grpo_advantages(REWARDS, PROMPT)),
+    ("batch", lambda: batch_std_advantages(REWARDS, PROMPT)),
+    ("durian", lambda: durian_advantages(REWARDS, PROMPT, visual_entropy=SCORES.visual_entropy,
+                                         confidence=SCORES.confidence, num_reasoning_groups=2).advantages),
+])
+def test_every_table_entry_is_its_estimator(name, plain):
+    out = get_estimator(name)(REWARDS, PROMPT, SCORES, AdvantageSettings(estimator=name, num_reasoning_groups=2))
+    assert isinstance(out, Advantages)
+    torch.testing.assert_close(out.advantages, plain())
+    # only Durian groups; each grouping comes with its shared stds
+    assert set(out.groups) == ({"perceptual", "reasoning"} if name == "durian" else set())
+    assert set(out.group_stds) == set(out.groups)
+
+
+def test_table_settings_reach_the_estimator():
+    # perceptual-only Durian from settings alone: entropy (1, 1, 3) -> q25 = 1, q75 = 2 -> groups (0, 0, 2);
+    # group 0 = P0 + P1 rewards 1 1 1 0 1 0 0 0: mean 1/2, var 8 * (1/4) / 7 = 2/7; P2 alone: std sqrt(1/3)
+    settings = AdvantageSettings(alphas=(0.0, 1.0, 0.0), eps=1e-3)
+    out = get_estimator("durian")(REWARDS, PROMPT, SCORES, settings)
+    stds = [math.sqrt(2 / 7)] * 8 + [math.sqrt(1 / 3)] * 4
+    torch.testing.assert_close(out.advantages, torch.tensor([c / (s + 1e-3) for c, s in zip(CENTRED, stds)]))
+    fixed = DifficultyScores(visual_entropy=SCORES.visual_entropy, entropy_thresholds=torch.tensor([0.5, 0.9]))
+    assert get_estimator("durian")(REWARDS, PROMPT, fixed, settings).groups["perceptual"].unique().tolist() == [2]
+
+
+def test_unknown_estimator_names_the_registered_ones():
+    with pytest.raises(ValueError, match="unknown estimator 'ppo'; registered: batch, dr_grpo, durian, grpo"):
+        get_estimator("ppo")
+
+
+def std_floor(rewards, prompt_index, scores, settings):
+    """The README's example: GRPO whose per-prompt std never falls below 0.1 (another cure for 7:1 prompts)."""
+    centred = dr_grpo_advantages(rewards, prompt_index)
+    std = group_std(rewards.double(), prompt_index, int(prompt_index.max()) + 1)[prompt_index]
+    return Advantages(centred / std.clamp_min(0.1).to(centred.dtype))
+
+
+def test_a_registered_estimator_is_found_by_name(monkeypatch):
+    monkeypatch.setitem(ESTIMATORS, "std_floor", std_floor)
+    # P0: 1 1 1 0 (std 1/2, above the floor); P1: 0.5 0.5 0.5 0.6: mean 0.525, std 0.05 -> floored to 0.1
+    rewards = torch.tensor([1.0, 1, 1, 0, 0.5, 0.5, 0.5, 0.6])
+    out = get_estimator("std_floor")(rewards, torch.arange(2).repeat_interleave(4), DifficultyScores(), AdvantageSettings())
+    torch.testing.assert_close(out.advantages, torch.tensor([0.5, 0.5, 0.5, -1.5, -0.25, -0.25, -0.25, 0.75]))

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from durian_lightning.advantages import durian_advantages, grpo_advantages
+from durian_lightning.advantages import Advantages, dr_grpo_advantages, durian_advantages
 from durian_lightning.callbacks import draw_bar_chart, error_by_difficulty, rollout_statistics
 
 
@@ -17,22 +17,38 @@ def test_rollout_statistics_by_hand():
         0.5, 1, 0, 0,  # three distinct values: not "1 vs G-1"
     ])
     prompt = torch.arange(5).repeat_interleave(g)
-    details = durian_advantages(rewards, prompt, visual_entropy=torch.tensor([1.0, 2, 3, 4, 5]),
-                                confidence=torch.tensor([-1.0, -2, -3, -4, -5]), num_reasoning_groups=2)
-    grpo = grpo_advantages(rewards, prompt)
-    stats = rollout_statistics({"rewards": rewards, "num_generations": g, "advantages": details.advantages,
-                                "grpo_advantages": grpo, "durian": details})
+    # perceptual-only Durian: entropy 1..5, q25 = 2, q75 = 4 -> groups 0: {P0, P1}, 1: {P2}, 2: {P3, P4}
+    advantages = durian_advantages(rewards, prompt, visual_entropy=torch.tensor([1.0, 2, 3, 4, 5]), alphas=(0, 1, 0))
+    stats = rollout_statistics(rewards, g, advantages)
     assert stats["difficulty/all_equal_ratio"] == pytest.approx(1 / 5)
     assert stats["difficulty/extreme_ratio"] == pytest.approx(2 / 5)
-    # GRPO on 1-vs-3: (1 - 3/4) / sqrt(1/4) -> the lone answer gets 1.5
+    # GRPO on 1-vs-3: (1 - 3/4) / sqrt(1/4) -> the lone answer gets 1.5 (2 vs 2: 0.5 / sqrt(1/3) = 0.87;
+    # P4: 0.625 / 0.479 = 1.31)
     assert stats["difficulty/max_abs_advantage_grpo"] == pytest.approx(1.5, abs=1e-4)
-    assert stats["difficulty/max_abs_advantage"] == pytest.approx(float(details.advantages.abs().max()))
-    # entropy 1..5: q25 = 2, q75 = 4 -> groups 0: {P0, P1}, 1: {P2}, 2: {P3, P4}
+    # group 0 rewards 1 1 1 1 1 1 1 0: mean 7/8, unbiased var (7*(1/8)^2 + (7/8)^2)/7 = 1/8; P1's lone 0 is 3/4 below
+    # its prompt's mean: |A| = 0.75 / sqrt(1/8) = 2.12, above group 1 (P2 alone: 0.75 / 0.5 = 1.5) and group 2
+    # (rewards 1 1 0 0 0.5 1 0 0: std 0.496; largest centred reward 0.625 -> 1.26)
+    assert stats["difficulty/max_abs_advantage"] == pytest.approx(0.75 / (1 / 8) ** 0.5, rel=1e-5)
+    # mean |A| over the 20 rollouts: group 0: P1 (0.25 * 3 + 0.75) / sqrt(1/8); group 1: P2 (0.25 * 3 + 0.75) / 0.5;
+    # group 2: P3 (0.5 * 4) / s2, P4 (0.125 + 0.625 + 0.375 * 2) / s2 with s2^2 = (3 * 0.5625^2 + 4 * 0.4375^2 + 0.0625^2) / 7
+    s2 = ((3 * 0.5625**2 + 4 * 0.4375**2 + 0.0625**2) / 7) ** 0.5
+    mean_abs = (1.5 / (1 / 8) ** 0.5 + 1.5 / 0.5 + 2.0 / s2 + 1.5 / s2) / 20
+    assert stats["difficulty/mean_abs_advantage"] == pytest.approx(mean_abs, rel=1e-5)
     assert stats["difficulty/perceptual_0/prompts"] == 2 and stats["difficulty/perceptual_1/prompts"] == 1
     assert stats["difficulty/perceptual_0/reward_mean"] == pytest.approx(7 / 8)
-    # group 0 rewards 1 1 1 1 1 1 1 0: mean 7/8, unbiased var (7*(1/8)^2 + (7/8)^2)/7 = 1/8
     assert stats["difficulty/perceptual_0/shared_std"] == pytest.approx((1 / 8) ** 0.5, rel=1e-5)
-    assert stats["difficulty/reasoning_0/prompts"] + stats["difficulty/reasoning_1/prompts"] == 5
+    assert stats["difficulty/perceptual_2/shared_std"] == pytest.approx(s2, rel=1e-5)
+    assert stats["difficulty/perceptual_1/mean_abs_advantage"] == pytest.approx(1.5 / 0.5 / 4, rel=1e-5)
+    assert not any("reasoning" in key for key in stats)  # the estimator grouped on one axis only
+
+
+def test_rollout_statistics_of_an_estimator_without_groups():
+    rewards = torch.tensor([1.0, 0, 0, 0])
+    stats = rollout_statistics(rewards, 4, Advantages(dr_grpo_advantages(rewards, torch.zeros(4, dtype=torch.long))))
+    # Dr. GRPO: r - mean = (0.75, -0.25, -0.25, -0.25); GRPO divides by std 0.5
+    assert stats["difficulty/max_abs_advantage"] == pytest.approx(0.75)
+    assert stats["difficulty/max_abs_advantage_grpo"] == pytest.approx(1.5, abs=1e-5)
+    assert not any(key.count("/") > 1 for key in stats)
 
 
 def test_error_by_difficulty_by_hand():

@@ -5,7 +5,14 @@ import math
 import pytest
 import torch
 
-from durian_lightning.losses import PolicyLossConfig, aggregate_loss, clipped_surrogate, kl_penalty, policy_loss
+from durian_lightning.losses import (
+    PolicyLossConfig,
+    aggregate_loss,
+    aggregation_denominator,
+    clipped_surrogate,
+    kl_penalty,
+    policy_loss,
+)
 
 # two sequences of different lengths: 3 real tokens and 1 real token, padded to T = 4
 MASK = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]])
@@ -131,3 +138,19 @@ def test_bad_input():
         clipped_surrogate(torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(2), eps_low=1.5)
     with pytest.raises(ValueError, match="normalizer"):
         aggregate_loss(torch.ones(1, 2), torch.ones(1, 2), "seq-mean-token-sum", normalizer=0)
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
+def test_micro_batch_losses_with_the_batch_denominator_add_up_to_the_batch_loss(mode):
+    torch.manual_seed(0)
+    logprobs, old, ref = -torch.rand(6, 5), -torch.rand(6, 5), -torch.rand(6, 5)
+    advantages = torch.randn(6)
+    mask = (torch.rand(6, 5) > 0.3).long()
+    mask[:, 0] = 1
+    config = PolicyLossConfig(kl_coef=0.1, aggregation=mode)
+    whole = policy_loss(logprobs, old, advantages, mask, ref, config)
+    denominator = aggregation_denominator(mask, mode)
+    parts = [policy_loss(logprobs[c], old[c], advantages[c], mask[c], ref[c], config, denominator)
+             for c in torch.arange(6).split(4)]
+    for field in ("loss", "policy_loss", "kl"):
+        assert sum(float(getattr(p, field)) for p in parts) == pytest.approx(float(getattr(whole, field)), rel=1e-6)

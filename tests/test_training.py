@@ -4,6 +4,7 @@ import csv
 import math
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
@@ -46,10 +47,16 @@ def fit_args(tmp_path, model="tiny:llava", *extra):
     ]
 
 
-def one_image_prompt(processor) -> str:
-    """A chat prompt with one image and a short question, rendered by the model's own template."""
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}]
+def one_image_prompt(processor, text: str = "hi") -> str:
+    """A chat prompt with one image and a question, rendered by the model's own template."""
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
     return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def callback(trainer, kind):
+    """The trainer's callback of this type (added with --trainer.callbacks+=...)."""
+    (found,) = [c for c in trainer.callbacks if isinstance(c, kind)]
+    return found
 
 
 def metrics(trainer) -> list[dict]:
@@ -88,22 +95,28 @@ def test_fit_and_validate_through_the_cli(tmp_path, model):
     assert "val/accuracy" in validated.trainer.callback_metrics
 
 
+class SnapshotAtTrainStart(L.Callback):
+    """Every weight of the policy as it was when training started."""
+
+    def on_train_start(self, trainer, pl_module):
+        self.weights = {name: value.clone() for name, value in pl_module.model.state_dict().items()}
+
+
 def test_only_lora_parameters_change(tmp_path):
-    cli = run_cli(["fit", *fit_args(tmp_path, "tiny:llava", "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0",
-                                    "--model.reward.functions", "[tests.test_training:length_reward]")])
-    from transformers import AutoModelForImageTextToText
-
-    from durian_lightning.models import resolve_model_path
-
-    base = AutoModelForImageTextToText.from_pretrained(resolve_model_path("tiny:llava")).state_dict()
-    changed_lora = 0
-    for name, value in cli.model.model.state_dict().items():
-        if "lora_" in name:
-            changed_lora += int(name.endswith("lora_B.default.weight") and bool(value.abs().sum() > 0))
-            continue
-        key = name.replace("base_model.model.", "").replace(".base_layer", "")
-        torch.testing.assert_close(value, base[key], msg=name)
-    assert changed_lora > 0
+    args = fit_args(tmp_path, "tiny:llava", "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0",
+                    "--model.reward.functions", "[tests.test_training:length_reward]",
+                    "--trainer.callbacks+=tests.test_training.SnapshotAtTrainStart")
+    cli = run_cli(["fit", *args])
+    snapshot = callback(cli.trainer, SnapshotAtTrainStart)
+    after = cli.model.model.state_dict()
+    lora = [name for name in after if "lora_" in name]
+    assert lora and all(name.endswith(("lora_A.default.weight", "lora_B.default.weight")) for name in lora)
+    # B starts at 0, so step 1 moves B only and step 2 moves A too: after two steps every LoRA matrix has moved
+    unchanged = [name for name in lora if torch.equal(after[name], snapshot.weights[name])]
+    assert not unchanged, unchanged
+    for name, value in after.items():
+        if name not in lora:
+            torch.testing.assert_close(value, snapshot.weights[name], rtol=0, atol=0, msg=name)
 
 
 def test_policy_and_reference_logprobs_are_equal_at_step_zero(tmp_path):
@@ -124,7 +137,9 @@ def test_policy_and_reference_logprobs_are_equal_at_step_zero(tmp_path):
 @pytest.mark.parametrize("model_name", ["tiny:llava", "tiny:qwen2_5_vl"])
 @pytest.mark.parametrize("sampling", [SamplingConfig(max_new_tokens=8, temperature=0.7),
                                       SamplingConfig(max_new_tokens=8, do_sample=False)], ids=["sampled", "greedy"])
-def test_logprobs_recorded_by_generate_equal_a_full_forward(model_name, sampling):
+def test_left_padded_rows_get_the_logprobs_they_get_alone(model_name, sampling):
+    # prompts of different lengths and images of different sizes (Qwen-VL: 4 vs 12 image tokens), so rows are
+    # left-padded by different amounts; a row's log-probs must not depend on its neighbours
     from PIL import Image
 
     from durian_lightning.models import resolve_model_path
@@ -132,15 +147,21 @@ def test_logprobs_recorded_by_generate_equal_a_full_forward(model_name, sampling
 
     torch.manual_seed(0)
     model, processor = load_policy(resolve_model_path(model_name), use_lora=False)
-    prompt = one_image_prompt(processor)
-    images = [[Image.new("RGB", (64, 64), "blue")], [Image.effect_noise((64, 64), 40).convert("RGB")]]
-    rollout = generate_rollouts(model, processor, [prompt, prompt], images, 3, sampling)
+    prompts = [one_image_prompt(processor, "hi"),
+               one_image_prompt(processor, "How many red circles are in the image? Reason step by step.")]
+    images = [[Image.new("RGB", (56, 56), "blue")], [Image.effect_noise((112, 84), 40).convert("RGB")]]
+    rollout = generate_rollouts(model, processor, prompts, images, 3, sampling)
+    lengths = [len(processor(text=[p], images=im)["input_ids"][0]) for p, im in zip(prompts, images)]
+    assert lengths[0] < lengths[1] - 5, lengths  # the first prompt is padded
     temperature = sampling.temperature if sampling.do_sample else 1.0
-    with torch.no_grad():
-        forward = completion_logprobs(model, processor, rollout, range(6), temperature)
     mask = rollout.completion_mask.bool()
-    assert rollout.sampled_logprobs.shape == forward.shape
-    torch.testing.assert_close(rollout.sampled_logprobs[mask], forward[mask], atol=1e-4, rtol=1e-4)
+    with torch.no_grad():
+        batched = completion_logprobs(model, processor, rollout, range(6), temperature)
+        alone = torch.cat([completion_logprobs(model, processor, rollout, [row], temperature) for row in range(6)])
+    torch.testing.assert_close(batched[mask], alone[mask], atol=1e-4, rtol=1e-4)
+    # generate records the log-prob of each sampled token as it goes: the same numbers as a full forward
+    assert rollout.sampled_logprobs.shape == batched.shape
+    torch.testing.assert_close(rollout.sampled_logprobs[mask], alone[mask], atol=1e-4, rtol=1e-4)
     assert bool((rollout.sampled_logprobs[~mask] == 0).all())
     # the placeholder ban still holds (it moved into the recording processor)
     assert not torch.isin(rollout.completion_ids, torch.tensor(multimodal_token_ids(model))).any()
@@ -179,6 +200,71 @@ def test_on_policy_steps_skip_the_old_logprob_pass(tmp_path):
     assert all(r.get("perf/old_logprobs_s") for r in metrics(cli.trainer) if r.get("train/loss"))
 
 
+class ByHandGradientCheck(L.Callback):
+    """Before every optimizer step of the module, compares the gradient it accumulated (micro-batched, through
+    losses.policy_loss) with the gradient of the GRPO-preset loss written out by hand on the same mini-batch:
+    per token -min(r A, clip(r, 0.8, 1.2) A) + 0.05 * (exp(d) - d - 1), d = ref - logp, r = exp(logp - old),
+    averaged over each sequence's real tokens, then over sequences."""
+
+    def __init__(self, mini_batch_size: int):
+        self.mini_batch_size = mini_batch_size  # prompts
+        self.compared = 0
+        self.step_in_batch = 0
+        self.record = None
+
+    def on_train_start(self, trainer, pl_module):
+        pl_module.optimizers().optimizer.register_step_pre_hook(lambda *_: self.compare(pl_module))
+
+    def compare(self, module):
+        record = module.last_update
+        if record is not self.record:
+            self.record, self.step_in_batch = record, 0
+        scored, g = record.local, record.local.num_generations
+        minibatches = scored.num_prompts // self.mini_batch_size
+        first = (self.step_in_batch % minibatches) * self.mini_batch_size * g
+        rows = torch.arange(first, first + self.mini_batch_size * g)
+        self.step_in_batch += 1
+
+        params = [p for p in module.model.parameters() if p.requires_grad]
+        accumulated = [p.grad.clone() for p in params]
+        logp = completion_logprobs(module.model, module.processor, scored.rollout, rows)
+        old = logp.detach() if scored.old_logprobs is None else scored.old_logprobs[rows]
+        ref = scored.ref_logprobs[rows]
+        advantage = record.local_advantages[rows].unsqueeze(1)
+        mask = scored.rollout.completion_mask[rows].float()
+        ratio = torch.exp(logp - old)
+        surrogate = -torch.minimum(ratio * advantage, torch.clamp(ratio, 0.8, 1.2) * advantage)
+        d = ref - logp
+        per_token = surrogate + 0.05 * (torch.exp(d) - d - 1)
+        loss = ((per_token * mask).sum(dim=1) / mask.sum(dim=1)).mean()
+        by_hand = torch.autograd.grad(loss, params)
+        for got, want in zip(accumulated, by_hand):
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
+        assert any(bool(w.abs().sum() > 0) for w in by_hand)
+        self.compared += 1
+
+
+@pytest.mark.parametrize("micro_batch_size, ppo_epochs, mini_batch_size", [
+    (64, 1, 4),  # on-policy: one optimizer step, no old-log-prob pass
+    (3, 1, 4),  # micro-batches straddle prompts (G = 2)
+    (64, 2, 2),  # 2 mini-batches x 2 epochs: old log-probs from before the first step, ratios away from 1
+    (3, 2, 2),
+])
+def test_the_optimized_gradient_is_the_gradient_of_the_loss_by_hand(tmp_path, micro_batch_size, ppo_epochs, mini_batch_size):
+    cli = run_cli(["fit", *fit_args(
+        tmp_path, "tiny:llava", "--data.batch_size", "4", "--trainer.limit_train_batches", "2", "--trainer.max_epochs", "1",
+        "--trainer.limit_val_batches", "0", "--model.reward.functions", "[tests.test_training:length_reward]",
+        "--model.loss.preset", "grpo", "--model.loss.kl_coef", "0.05", "--model.optimization.max_grad_norm", "1e9",
+        "--model.optimization.micro_batch_size", str(micro_batch_size), "--model.optimization.ppo_epochs", str(ppo_epochs),
+        "--model.optimization.mini_batch_size", str(mini_batch_size),
+        "--trainer.callbacks+=tests.test_training.ByHandGradientCheck",
+        f"--trainer.callbacks.mini_batch_size={mini_batch_size}",
+    )])
+    steps = 2 * ppo_epochs * (4 // mini_batch_size)
+    assert cli.trainer.global_step == steps
+    assert callback(cli.trainer, ByHandGradientCheck).compared == steps
+
+
 def test_one_rollout_batch_gives_the_configured_number_of_optimizer_steps(tmp_path):
     # 4 prompts per rollout batch, 2 per mini-batch, 2 PPO epochs -> 4 optimizer steps from one batch
     cli = run_cli(["fit", *fit_args(tmp_path, "tiny:llava", "--data.batch_size", "4", "--model.optimization.mini_batch_size", "2",
@@ -186,17 +272,6 @@ def test_one_rollout_batch_gives_the_configured_number_of_optimizer_steps(tmp_pa
                                     "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "0",
                                     "--trainer.max_epochs", "1")])
     assert cli.trainer.global_step == 4
-
-
-@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
-def test_micro_batches_add_up_to_the_mini_batch_loss(mode):
-    torch.manual_seed(0)
-    token_loss = torch.randn(7, 5)
-    mask = (torch.rand(7, 5) > 0.3).long()
-    mask[3] = 0  # an empty completion
-    denominator = aggregation_denominator(mask, mode)
-    pieces = sum(aggregation_numerator(token_loss[c], mask[c], mode) for c in torch.arange(7).split(3)) / denominator
-    assert pieces.item() == pytest.approx(aggregate_loss(token_loss, mask, mode).item(), rel=1e-6)
 
 
 def test_token_logprobs_by_hand():
