@@ -59,6 +59,17 @@ def test_folder_of_jsonl_files_with_pixel_entropy(tmp_path):
     assert batch["visual_entropy"].dtype == torch.float32 and len(batch["answer"]) == 6
 
 
+def test_a_rows_own_id_column_is_its_sample_id_everywhere(tmp_path):
+    rows = [{"id": f"q-{i}", "images": [png(tmp_path / f"{i}.png", seed=i)], "problem": "p", "answer": "1"} for i in range(2)]
+    rows.append({"images": [png(tmp_path / "2.png", seed=2)], "problem": "p", "answer": "1"})  # no id: positional
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    dm = datamodule(tmp_path, tmp_path / "c")
+    dm.setup()
+    assert [s.id for s in dm.samples["train"]] == ["q-0", "q-1", "train-2"]
+    batch = next(iter(dm.train_dataloader()))
+    assert sorted(batch["id"]) == ["q-0", "q-1", "train-2"]  # the batch carries the same ids as the samples
+
+
 def test_json_parquet_and_bytes_sources_with_column_mapping(tmp_path):
     img = tmp_path / "a.png"
     png(img, seed=3)

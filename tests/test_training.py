@@ -11,7 +11,15 @@ import torch
 from durian_lightning.cli import run_cli
 from durian_lightning.losses import aggregate_loss, aggregation_denominator, aggregation_numerator
 from durian_lightning.models import load_policy
+from durian_lightning.advantages import ESTIMATORS
 from durian_lightning.module import DurianGRPO
+from durian_lightning.settings import (
+    AdvantageSettings,
+    LossSettings,
+    OptimizationSettings,
+    RewardSettings,
+    RolloutSettings,
+)
 from durian_lightning.rollout import (
     SamplingConfig,
     completion_logprobs,
@@ -305,20 +313,29 @@ def test_completion_mask_stops_after_the_first_eos():
 
 
 @pytest.mark.parametrize(
-    "kwargs, message",
+    "make, message",
     [
-        ({"num_generations": 1}, "num_generations must be >= 2"),
-        ({"rollout_batch_size": 6, "mini_batch_size": 4}, "must divide rollout_batch_size=6"),
-        ({"micro_batch_size": 0}, "micro_batch_size must be >= 1"),
-        ({"estimator": "ppo"}, "estimator must be"),
-        ({"reward_functions": ["no_such_module:fn"]}, "cannot import module"),
-        ({"reward_functions": ["durian_lightning.rewards:format_reward"], "reward_weights": [1.0, 2.0]}, "1 reward_functions but 2"),
-        ({"loss_preset": "ppo"}, "unknown loss preset"),
+        (lambda: RolloutSettings(num_generations=1), "num_generations must be >= 2"),
+        (lambda: RolloutSettings(temperature=0.0), "temperature must be > 0"),
+        (lambda: OptimizationSettings(rollout_batch_size=6, mini_batch_size=4), "must divide rollout_batch_size=6"),
+        (lambda: OptimizationSettings(micro_batch_size=0), "micro_batch_size must be >= 1"),
+        (lambda: OptimizationSettings(mini_batch_size=3).batch_sizes(8), "mini_batch_size=3 must divide the rollout batch of 8"),
+        (lambda: DurianGRPO(advantages=AdvantageSettings(estimator="ppo")), "unknown estimator 'ppo'"),
+        (lambda: DurianGRPO(reward=RewardSettings(functions=["no_such_module:fn"])), "cannot import module"),
+        (lambda: RewardSettings(functions=["durian_lightning.rewards:format_reward"], weights=[1.0, 2.0]),
+         "1 reward functions but 2 reward weights"),
+        (lambda: LossSettings(preset="ppo"), "unknown loss preset"),
     ],
 )
-def test_impossible_configuration_fails_before_any_compute(kwargs, message):
+def test_impossible_settings_are_refused_when_built(make, message):
     with pytest.raises(ValueError, match=message):
-        DurianGRPO(**kwargs)
+        make()
+
+
+def test_impossible_settings_fail_before_data_or_model(tmp_path):
+    with pytest.raises(ValueError, match="num_generations must be >= 2"):
+        run_cli(["fit", *fit_args(tmp_path, "tiny:llava", "--model.rollout.num_generations", "1")])
+    assert not (tmp_path / "entropy").exists()  # the visual-entropy precompute never started
 
 
 def test_unknown_config_key_is_rejected_by_the_cli(tmp_path, capsys):
@@ -344,15 +361,51 @@ def test_a_broken_reward_function_stops_the_step_with_its_name(tmp_path, monkeyp
                                   "--trainer.max_steps", "1")])
 
 
-def test_dapo_preset_with_dynamic_sampling_runs(tmp_path):
-    cli = run_cli(["fit", *fit_args(tmp_path, "tiny:llava", "--model.loss.preset", "dapo", "--model.optimization.dynamic_sampling", "true",
+class RecordUpdates(L.Callback):
+    """The prompts and rewards of every update."""
+
+    def __init__(self):
+        self.updates = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if pl_module.last_update is not None:
+            local = pl_module.last_update.local
+            self.updates.append((list(local.ids), local.rewards.view(-1, local.num_generations), local.old_logprobs))
+
+
+def test_dapo_preset_with_dynamic_sampling_trains_on_informative_prompts_only(tmp_path):
+    # only color questions can earn a reward (a dense one): every other prompt has equal rewards and must be dropped
+    cli = run_cli(["fit", *fit_args(tmp_path, "tiny:llava", "--model.loss.preset", "dapo",
+                                    "--model.optimization.dynamic_sampling", "true", "--data.batch_size", "4",
+                                    "--model.optimization.rollout_batch_size", "2",
+                                    "--model.reward.functions", "[tests.ddp_probe:color_question_reward]",
+                                    "--trainer.max_steps", "3", "--trainer.limit_val_batches", "0",
+                                    "--trainer.callbacks+=tests.test_training.RecordUpdates")])
+    assert cli.trainer.global_step == 3
+    problems = {sample.id: sample.problem for sample in cli.datamodule.samples["train"]}
+    updates = callback(cli.trainer, RecordUpdates).updates
+    assert len(updates) == 3
+    for ids, rewards, old_logprobs in updates:
+        assert len(ids) == 2  # exactly rollout_batch_size prompts
+        assert all("color" in problems[i] for i in ids), [problems[i] for i in ids]
+        assert bool((rewards.amax(dim=1) > rewards.amin(dim=1)).all())
+        # a prompt kept over an update was sampled by an older policy: it carries its own old log-probs
+        assert old_logprobs is not None and old_logprobs.shape[0] == 2 * rewards.shape[1]
+    trained = [i for ids, _, _ in updates for i in ids]
+    assert len(set(trained)) == len(trained)  # first in, first out: no prompt twice
+
+
+def test_a_registered_estimator_is_looked_up_by_name(tmp_path, monkeypatch):
+    from tests.test_advantages import std_floor
+
+    monkeypatch.setitem(ESTIMATORS, "std_floor", std_floor)
+    cli = run_cli(["fit", *fit_args(tmp_path, "tiny:llava", "--model.advantages.estimator", "std_floor",
                                     "--model.reward.functions", "[tests.test_training:length_reward]",
-                                    "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0")])
-    assert cli.trainer.global_step == 2
-    kept = [float(r["train/dynamic_sampling_kept"]) for r in metrics(cli.trainer) if r.get("train/dynamic_sampling_kept")]
-    assert kept and all(0.0 <= k <= 1.0 for k in kept)
-    # prompts kept over an update were sampled by the previous policy: they carry their own old log-probs
-    assert all(r.get("perf/old_logprobs_s") for r in metrics(cli.trainer) if r.get("train/loss"))
+                                    "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0")])
+    record = cli.model.last_update
+    expected = std_floor(record.batch.rewards, record.batch.prompt_index, None, None).advantages
+    torch.testing.assert_close(record.advantages.advantages, expected)
+    assert "difficulty/max_abs_advantage" in cli.trainer.callback_metrics
 
 
 def length_reward(completions, answers, **fields):
@@ -394,10 +447,21 @@ def test_full_fine_tuning_with_a_frozen_reference_copy(tmp_path):
 
 
 def test_predict_and_test_subcommands(tmp_path):
+    from durian_lightning.rewards import WeightedReward, extract_answer
+
     tested = run_cli(["test", *fit_args(tmp_path, "tiny:llava", "--trainer.limit_test_batches", "1")])
-    assert "test/accuracy" in tested.trainer.callback_metrics
+    assert len(tested.model.eval_records) == 4
+    assert float(tested.trainer.callback_metrics["test/accuracy"]) == pytest.approx(
+        sum(r["correct"] for r in tested.model.eval_records) / 4)
     predicted = run_cli(["predict", *fit_args(tmp_path / "p", "tiny:llava", "--trainer.limit_predict_batches", "1")])
-    assert predicted.trainer.predict_loop.predictions is not None
+    (rows,) = predicted.trainer.predict_loop.predictions
+    test_samples = predicted.datamodule.samples["test"]
+    assert [r["id"] for r in rows] == [s.id for s in test_samples[:4]]  # the first batch of the test split, in order
+    assert [r["answer"] for r in rows] == [s.answer for s in test_samples[:4]]
+    paper = WeightedReward.paper_default()
+    for row in rows:
+        assert row["prediction"] == extract_answer(row["completion"])
+        assert row["reward"] == pytest.approx(float(paper([row["completion"]], [row["answer"]]).total))
 
 
 def test_accuracy_per_source_column(tmp_path):

@@ -118,7 +118,8 @@ class MultimodalReasoningDataModule(L.LightningDataModule):
             {split: file} mapping, or a Hugging Face hub id.
         model_name_or_path: the VLM whose vision encoder scores images (linked to the module's in the CLI;
             tiny:llava / tiny:qwen2_5_vl build a tiny offline one).
-        columns: column renames, e.g. {"images": "image", "problem": "question", "id": "pid"}.
+        columns: column renames, e.g. {"images": "image", "problem": "question", "id": "pid"}; a row's id column is its
+            sample id (in batches and errors), else "split-row".
         val_fraction: share of train carved out as validation when the source has no validation split.
         test_fraction: share of train carved out as test when the source has no test split.
         split_seed: seed of that carving.
@@ -200,12 +201,12 @@ class MultimodalReasoningDataModule(L.LightningDataModule):
     def _read_split(self, split: str, data: RawSplit) -> list[Sample]:
         check_columns(data, self.columns)
         col = lambda field: self.columns.get(field, field)  # noqa: E731
-        id_column = self.columns.get("id")
+        id_column = col("id")  # a row without one gets a positional id
         used = {col("images"), col("problem"), col("answer"), id_column}
         out = []
         for row_number in range(len(data.rows)):
             row = data.rows[row_number]
-            sample_id = str(row.get(id_column, f"{split}-{row_number}")) if id_column else f"{split}-{row_number}"
+            sample_id = str(row[id_column]) if row.get(id_column) is not None else f"{split}-{row_number}"
             try:
                 out.append(self._read_row(split, row_number, row, sample_id, data, col, used))
             except (ImageError, ValueError) as error:
