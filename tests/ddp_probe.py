@@ -45,3 +45,27 @@ class DumpRolloutCallback(L.Callback):
         }
         with open(self.folder / f"rank{trainer.global_rank}-step{trainer.global_step}.json", "w") as f:
             json.dump(record, f)
+
+
+class DumpGradientCallback(L.Callback):
+    """Before every optimizer step: this rank's rollouts and advantages, the trainable weights and the gradient the
+    module is about to apply (after its all-reduce), for a single-process recomputation in the test."""
+
+    def __init__(self, folder: str):
+        self.folder = Path(folder)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        pl_module.optimizers().optimizer.register_step_pre_hook(lambda *_: self.dump(trainer, pl_module))
+
+    def dump(self, trainer, pl_module) -> None:
+        import torch
+
+        record = pl_module.last_update
+        named = [(name, p) for name, p in pl_module.model.named_parameters() if p.requires_grad]
+        self.folder.mkdir(parents=True, exist_ok=True)
+        torch.save({
+            "rollout": record.local.rollout,
+            "advantages": record.local_advantages.clone(),
+            "weights": {name: p.detach().clone() for name, p in named},
+            "grads": {name: p.grad.clone() for name, p in named},
+        }, self.folder / f"rank{trainer.global_rank}-gradient-step{trainer.global_step}.pt")

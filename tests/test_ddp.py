@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from durian_lightning.advantages import durian_advantages
 
@@ -53,6 +54,8 @@ def test_ddp_ranks_compute_the_advantages_of_the_global_batch(tmp_path):
     dump = fit_on_two_ranks(
         tmp_path, "--model.advantages.num_reasoning_groups", "3", "--model.reward.functions", "[tests.test_training:length_reward]",
         "--data.eval_batch_size", "4", "--trainer.limit_val_batches", "1", "--trainer.val_check_interval", "2",
+        "--model.optimization.max_grad_norm", "1e9",  # no clipping: the gradient below is the raw averaged one
+        "--trainer.callbacks+=tests.ddp_probe.DumpGradientCallback", f"--trainer.callbacks.folder={tmp_path / 'dump'}",
     )
     for step in (1, 2):
         ranks = [json.loads((dump / f"rank{r}-step{step}.json").read_text()) for r in (0, 1)]
@@ -81,6 +84,39 @@ def test_ddp_ranks_compute_the_advantages_of_the_global_batch(tmp_path):
     correct = validation[0]["correct"]
     assert validation[0]["metrics"]["val/accuracy"] == pytest.approx(sum(correct) / 8)
     assert (tmp_path / "lightning_logs" / "version_0" / "adapter" / "adapter_config.json").is_file()
+    # the update both ranks apply is the gradient of one process's loss on the whole global batch
+    for step in (0, 1):
+        assert_gradient_is_the_whole_batch_gradient([torch.load(dump / f"rank{r}-gradient-step{step}.pt", weights_only=False)
+                                                     for r in (0, 1)], tmp_path / "cache")
+
+
+def assert_gradient_is_the_whole_batch_gradient(ranks, cache):
+    """Recompute, in this process, the default GRPO-preset loss (no KL, on-policy: ratio exp(logp - logp.detach()))
+    over both ranks' rollouts at once: -mean over sequences of the token mean of A * ratio."""
+    from durian_lightning.models import load_policy, resolve_model_path
+    from durian_lightning.rollout import Rollout, completion_logprobs
+
+    for name in ranks[0]["weights"]:
+        torch.testing.assert_close(ranks[0]["weights"][name], ranks[1]["weights"][name], rtol=0, atol=0)
+        torch.testing.assert_close(ranks[0]["grads"][name], ranks[1]["grads"][name], rtol=0, atol=0)
+    default = yaml.safe_load((REPO / "configs" / "default.yaml").read_text())["model"]["lora"]
+    model, processor = load_policy(resolve_model_path("tiny:llava", cache), use_lora=True, lora_r=default["r"],
+                                   lora_alpha=default["alpha"], lora_target_modules=default["target_modules"])
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in ranks[0]["weights"].items():
+            params[name].copy_(value)
+    rollout = Rollout.concat([r["rollout"] for r in ranks])
+    advantages = torch.cat([r["advantages"] for r in ranks]).unsqueeze(1)
+    assert len(rollout) == 24
+    logp = completion_logprobs(model, processor, rollout, range(24))
+    mask = rollout.completion_mask.float()
+    loss = -((advantages * torch.exp(logp - logp.detach()) * mask).sum(dim=1) / mask.sum(dim=1)).mean()
+    names = list(ranks[0]["grads"])
+    whole_batch = torch.autograd.grad(loss, [params[n] for n in names])
+    assert any(bool(g.abs().sum() > 0) for g in whole_batch)
+    for name, want in zip(names, whole_batch):
+        torch.testing.assert_close(ranks[0]["grads"][name], want, atol=1e-6, rtol=1e-4, msg=name)
 
 
 def test_ddp_with_dynamic_sampling_updates_every_rank_at_the_same_step(tmp_path):

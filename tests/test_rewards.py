@@ -74,8 +74,12 @@ TABLE = [
 ]
 
 
-def test_table_has_at_least_forty_rows():
-    assert len(TABLE) >= 40
+def test_table_covers_every_verdict_without_repeating_a_case():
+    # each format / accuracy combination has cases (a right answer badly formatted, a wrong one well formatted, ...)
+    verdicts = {(fmt, acc) for _, _, fmt, acc in TABLE}
+    assert verdicts == {(0, 0), (0, 1), (1, 0), (1, 1)}
+    cases = [(completion, answer) for completion, answer, _, _ in TABLE]
+    assert len(set(cases)) == len(cases), "a case appears twice (with possibly different expectations)"
 
 
 @pytest.mark.parametrize("completion, answer, fmt, acc", TABLE)
