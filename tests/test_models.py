@@ -31,3 +31,15 @@ def test_saved_tiny_model_loads_through_auto_classes_and_generates(request, mode
 def test_unknown_architecture(tmp_path):
     with pytest.raises(ValueError, match="unknown tiny architecture"):
         tiny_vlm_path(tmp_path / "x", "gpt")
+
+
+def test_the_models_package_does_not_import_the_data_package():
+    # data/ loads models (the entropy encoder); models/ must not load data/ back (the warm-start's prompts and scenes
+    # live in durian_lightning.prompts and durian_lightning.scenes)
+    import subprocess
+    import sys
+
+    code = ("import sys, durian_lightning.models, durian_lightning.models.warmstart; "
+            "print(sorted(m for m in sys.modules if m.startswith('durian_lightning.data')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]"

@@ -1,14 +1,7 @@
 """The data package, usable on its own: ``from durian_lightning.data import MultimodalReasoningDataModule``."""
 
-from .datamodule import (
-    DEFAULT_INSTRUCTION,
-    DEFAULT_SYSTEM_PROMPT,
-    MultimodalReasoningDataModule,
-    ReasoningDataset,
-    Sample,
-    build_messages,
-    collate_reasoning_batch,
-)
+from ..prompts import DEFAULT_INSTRUCTION, DEFAULT_SYSTEM_PROMPT, build_messages
+from .datamodule import MultimodalReasoningDataModule, ReasoningDataset, Sample, collate_reasoning_batch
 from .entropy_cache import EntropyCache
 from .images import ImageError, open_image, to_rgb
 from .sources import load_source

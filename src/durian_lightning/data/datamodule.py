@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..difficulty import percentile_thresholds
 from ..models.loading import resolve_model_path
+from ..prompts import DEFAULT_INSTRUCTION, DEFAULT_SYSTEM_PROMPT, build_messages
 from .entropy_cache import EntropyCache
 from .images import ImageError, content_hash, image_bytes, open_image
 from .resumable import ResumableDataLoader
@@ -28,13 +29,6 @@ from .sources import RawSplit, check_columns, load_source
 from .visual_entropy import PixelEntropyScorer, SpectralEntropyScorer
 
 log = logging.getLogger(__name__)
-
-DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant that reasons about images."
-DEFAULT_INSTRUCTION = (
-    "Think step by step inside <think> </think> tags, then give the final answer in \\boxed{}."
-)
-IMAGE_PLACEHOLDER = "<image>"
-
 
 @dataclass
 class Sample:
@@ -48,28 +42,6 @@ class Sample:
     answer: str
     extra: dict[str, Any] = field(default_factory=dict)
     visual_entropy: float = math.nan
-
-
-def build_messages(problem: str, num_images: int, system_prompt: str | None, instruction: str | None) -> list[dict]:
-    """Chat messages for one sample. ``<image>`` placeholders in the problem place the images; without any, the
-    images come first. A placeholder count that differs from the number of images is an error."""
-    pieces = problem.split(IMAGE_PLACEHOLDER)
-    placeholders = len(pieces) - 1
-    content: list[dict] = []
-    if placeholders == 0:
-        content += [{"type": "image"}] * num_images
-        pieces = [problem]
-    elif placeholders != num_images:
-        raise ValueError(f"problem has {placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but the row has {num_images} image(s)")
-    for i, piece in enumerate(pieces):
-        if i > 0:
-            content.append({"type": "image"})
-        if piece.strip():
-            content.append({"type": "text", "text": piece})
-    if instruction:
-        content.append({"type": "text", "text": ("\n" if content and content[-1]["type"] == "text" else "") + instruction})
-    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    return messages + [{"role": "user", "content": content}]
 
 
 class ReasoningDataset(Dataset):

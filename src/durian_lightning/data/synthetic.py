@@ -2,9 +2,9 @@
 
     python -m durian_lightning.data.synthetic data/synthetic
 
-Each image has a ``clutter`` level 0-3 that raises its perceptual complexity: a plain background (0), a colour
-gradient (1), stripes or checks plus a few distractor marks (2), or pixel noise and many distractors (3). Targets are
-circles, squares and triangles in six colours. Questions:
+Scenes come from :mod:`durian_lightning.scenes`: each image has a ``clutter`` level 0-3 that raises its perceptual
+complexity (plain, gradient, stripes and distractors, pixel noise). Targets are circles, squares and triangles in six
+colours. Questions:
 
 * ``count``: "How many red circles are there?"       (answer 0-4)
 * ``total``: "How many shapes are there in total?"   (answer 1-6)
@@ -22,100 +22,9 @@ import json
 import random
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+from ..scenes import make_sample
 
-COLORS = {
-    "red": (220, 30, 30),
-    "green": (30, 170, 50),
-    "blue": (40, 70, 220),
-    "yellow": (235, 210, 20),
-    "purple": (140, 40, 180),
-    "orange": (245, 130, 20),
-}
-SHAPES = ("circle", "square", "triangle")
 SPLITS = {"train": 400, "val": 100, "test": 100}
-
-
-def _background(rng: random.Random, size: int, clutter: int) -> Image.Image:
-    base = tuple(rng.randint(200, 255) for _ in range(3))
-    image = Image.new("RGB", (size, size), base)
-    draw = ImageDraw.Draw(image)
-    if clutter == 1:
-        other = tuple(rng.randint(150, 230) for _ in range(3))
-        for y in range(size):
-            t = y / max(1, size - 1)
-            draw.line([(0, y), (size, y)], fill=tuple(int(a + (b - a) * t) for a, b in zip(base, other)))
-    elif clutter >= 2:
-        step = rng.choice([4, 6, 8])
-        tone = tuple(rng.randint(120, 200) for _ in range(3))
-        for k in range(0, size, step):
-            if rng.random() < 0.5:
-                draw.line([(k, 0), (k, size)], fill=tone)
-            else:
-                draw.line([(0, k), (size, k)], fill=tone)
-    if clutter == 3:
-        pixels = image.load()
-        for _ in range(size * size // 3):
-            x, y = rng.randrange(size), rng.randrange(size)
-            pixels[x, y] = tuple(rng.randint(0, 255) for _ in range(3))
-    return image
-
-
-def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], color) -> None:
-    x0, y0, x1, y1 = box
-    if shape == "circle":
-        draw.ellipse(box, fill=color)
-    elif shape == "square":
-        draw.rectangle(box, fill=color)
-    else:
-        draw.polygon([((x0 + x1) // 2, y0), (x1, y1), (x0, y1)], fill=color)
-
-
-def _place(rng: random.Random, size: int, cell: int, taken: set) -> tuple[int, int, int, int]:
-    """A free grid cell, so shapes never overlap and counts stay unambiguous."""
-    cells = [(cx, cy) for cx in range(size // cell) for cy in range(size // cell) if (cx, cy) not in taken]
-    cx, cy = rng.choice(cells)
-    taken.add((cx, cy))
-    pad = max(1, cell // 8)
-    return cx * cell + pad, cy * cell + pad, (cx + 1) * cell - pad - 1, (cy + 1) * cell - pad - 1
-
-
-def make_sample(rng: random.Random, size: int = 64) -> tuple[Image.Image, dict]:
-    clutter = rng.randrange(4)
-    image = _background(rng, size, clutter)
-    draw = ImageDraw.Draw(image)
-    cell = size // 4
-    taken: set = set()
-    kind = rng.choice(["count", "total", "color", "sum"])
-    shapes: list[tuple[str, str]] = []
-    if kind == "color":
-        shapes.append(("triangle" if rng.random() < 1 / 3 else rng.choice(SHAPES), rng.choice(list(COLORS))))
-        target = shapes[0][0]
-        others = [s for s in SHAPES if s != target]
-        shapes += [(rng.choice(others), rng.choice(list(COLORS))) for _ in range(rng.randint(0, 3))]
-    else:
-        shapes += [(rng.choice(SHAPES), rng.choice(list(COLORS))) for _ in range(rng.randint(1, 6))]
-    for shape, color in shapes:
-        _draw_shape(draw, shape, _place(rng, size, cell, taken), COLORS[color])
-    for _ in range({0: 0, 1: 0, 2: 3, 3: 8}[clutter]):  # thin distractor marks, not shapes
-        x, y = rng.randrange(size), rng.randrange(size)
-        draw.line([(x, y), (x + rng.randint(-6, 6), y + rng.randint(-6, 6))], fill=tuple(rng.randint(0, 255) for _ in range(3)))
-
-    if kind == "count":
-        shape, color = rng.choice(shapes) if rng.random() < 0.8 else (rng.choice(SHAPES), rng.choice(list(COLORS)))
-        answer = sum(1 for s in shapes if s == (shape, color))
-        problem = f"How many {color} {shape}s are there in the image?"
-    elif kind == "total":
-        answer = len(shapes)
-        problem = "How many shapes are there in the image in total?"
-    elif kind == "color":
-        problem = f"What color is the {shapes[0][0]}?"
-        answer = shapes[0][1]
-    else:
-        a, b = rng.sample(SHAPES, 2)
-        answer = sum(1 for s, _ in shapes if s in (a, b))
-        problem = f"How many {a}s and {b}s are there together in the image?"
-    return image, {"problem": f"<image>{problem}", "answer": str(answer), "clutter": clutter, "question_type": kind}
 
 
 def generate(out_dir: str | Path, splits: dict[str, int] | None = None, seed: int = 0, image_size: int = 64) -> Path:

@@ -14,8 +14,8 @@ import random
 
 import torch
 
-from ..data.datamodule import DEFAULT_INSTRUCTION, DEFAULT_SYSTEM_PROMPT, build_messages
-from ..data.synthetic import COLORS, make_sample
+from ..prompts import DEFAULT_INSTRUCTION, DEFAULT_SYSTEM_PROMPT, build_messages
+from ..scenes import COLORS, make_sample
 
 ANSWERS = [str(n) for n in range(9)] + list(COLORS)
 TARGET = "<think>I look at the shapes.</think> \\boxed{{{answer}}}"

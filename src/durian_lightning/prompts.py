@@ -1,0 +1,32 @@
+"""Chat prompts for a multimodal reasoning sample: where the images go, the system prompt and the instruction to
+think in ``<think>`` and answer in ``\\boxed{}``. Shared by the data package and the tiny model's warm-start."""
+
+from __future__ import annotations
+
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant that reasons about images."
+DEFAULT_INSTRUCTION = (
+    "Think step by step inside <think> </think> tags, then give the final answer in \\boxed{}."
+)
+IMAGE_PLACEHOLDER = "<image>"
+
+
+def build_messages(problem: str, num_images: int, system_prompt: str | None, instruction: str | None) -> list[dict]:
+    """Chat messages for one sample. ``<image>`` placeholders in the problem place the images; without any, the
+    images come first. A placeholder count that differs from the number of images is an error."""
+    pieces = problem.split(IMAGE_PLACEHOLDER)
+    placeholders = len(pieces) - 1
+    content: list[dict] = []
+    if placeholders == 0:
+        content += [{"type": "image"}] * num_images
+        pieces = [problem]
+    elif placeholders != num_images:
+        raise ValueError(f"problem has {placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but the row has {num_images} image(s)")
+    for i, piece in enumerate(pieces):
+        if i > 0:
+            content.append({"type": "image"})
+        if piece.strip():
+            content.append({"type": "text", "text": piece})
+    if instruction:
+        content.append({"type": "text", "text": ("\n" if content and content[-1]["type"] == "text" else "") + instruction})
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    return messages + [{"role": "user", "content": content}]
