@@ -93,11 +93,23 @@ def run_ours(estimator: str, steps: int, root: str) -> dict:
             timer.stop()
             timer.lengths.append(float(trainer.callback_metrics["train/completion_length"]))
 
+    from durian_lightning.settings import (
+        AdvantageSettings,
+        LoraSettings,
+        LossSettings,
+        OptimizationSettings,
+        RolloutSettings,
+    )
+
     module = DurianGRPO(
-        model_name_or_path=MODEL, estimator=estimator, loss_preset="grpo", kl_coef=0.0, num_generations=G,
-        max_new_tokens=MAX_NEW_TOKENS, temperature=1.0, learning_rate=LR, micro_batch_size=PROMPTS * G,
-        lora_r=LORA["r"], lora_alpha=LORA["lora_alpha"], lora_dropout=LORA["lora_dropout"],
-        lora_target_modules=LORA["target_modules"], num_reasoning_groups=4, adapter_dir=f"{root}/adapter",
+        model_name_or_path=MODEL,
+        lora=LoraSettings(r=LORA["r"], alpha=LORA["lora_alpha"], dropout=LORA["lora_dropout"],
+                          target_modules=LORA["target_modules"]),
+        rollout=RolloutSettings(num_generations=G, max_new_tokens=MAX_NEW_TOKENS, temperature=1.0),
+        advantages=AdvantageSettings(estimator=estimator, num_reasoning_groups=4),
+        loss=LossSettings(preset="grpo", kl_coef=0.0),
+        optimization=OptimizationSettings(learning_rate=LR, micro_batch_size=PROMPTS * G),
+        adapter_dir=f"{root}/adapter",
     )
     trainer = L.Trainer(
         accelerator="gpu" if _has_cuda() else "cpu", devices=1, max_steps=steps, limit_val_batches=0, logger=False,

@@ -63,7 +63,7 @@ def run_one(name: str, seed: int, epochs: int, out: Path) -> dict:
     ])
     fit_seconds = time.perf_counter() - start
     test = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)[0]
-    thresholds = cli.datamodule.entropy_thresholds(cli.model.hparams.percentiles)
+    thresholds = cli.datamodule.entropy_thresholds(cli.model.advantages.percentiles)
     records = cli.model.eval_records
     question_type = _question_types(REPO / "data" / "synthetic" / "test.jsonl")
     by_type: dict[str, list[float]] = {}

@@ -424,6 +424,12 @@ def test_resuming_from_a_checkpoint_reproduces_the_uninterrupted_run(tmp_path):
     assert checkpoint.is_file()
     saved = torch.load(checkpoint, weights_only=False)
     assert all("lora_" in k for k in saved["state_dict"]), "only trainable weights are checkpointed"
+    # the checkpoint alone rebuilds the module: settings from its hyper-parameters, the adapter from its weights
+    loaded = DurianGRPO.load_from_checkpoint(checkpoint)
+    assert loaded.rollout == RolloutSettings(num_generations=2, max_new_tokens=6)
+    weights = loaded.model.state_dict()
+    for key, value in saved["state_dict"].items():
+        torch.testing.assert_close(weights[key.removeprefix("model.")], value, rtol=0, atol=0)
     resumed = run_cli(["fit", *fit_args(tmp_path / "b", "tiny:llava", *common), "--ckpt_path", str(checkpoint)])
     assert resumed.trainer.global_step == 3
     a = {k: v for k, v in straight.model.model.state_dict().items() if "lora_" in k}
@@ -438,7 +444,7 @@ def test_full_fine_tuning_with_a_frozen_reference_copy(tmp_path):
                                     "--model.reward.functions", "[tests.test_training:length_reward]",
                                     "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0")])
     module = cli.model
-    reference = module._frozen_reference[0]
+    reference = module.reference.frozen
     changed = [n for (n, p), (_, q) in zip(module.model.named_parameters(), reference.named_parameters()) if not torch.equal(p, q)]
     assert changed, "full fine-tuning changed no weight"
     assert not any(p.requires_grad for p in reference.parameters())

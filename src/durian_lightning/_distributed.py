@@ -41,3 +41,15 @@ def average_gradients(params: list[torch.nn.Parameter], world: int) -> None:
     flat /= world
     for p, piece in zip(params, flat.split([p.numel() for p in params])):
         p.grad = piece.view_as(p).clone()
+
+
+def require_ddp(trainer) -> None:
+    """Several processes train only under plain DDP: FSDP / DeepSpeed shard gradients, which the module's one flat
+    all-reduce per optimizer step would mix."""
+    from lightning.pytorch.strategies import DDPStrategy
+
+    if trainer.world_size > 1 and not isinstance(trainer.strategy, DDPStrategy):
+        raise ValueError(
+            f"multi-process training supports --trainer.strategy ddp, got {type(trainer.strategy).__name__} "
+            "(FSDP / DeepSpeed: see the README section 'Larger models')"
+        )

@@ -25,6 +25,10 @@ Conventions, identical in every estimator:
 * an empty batch gives empty results; NaN/inf rewards, bad indices and mismatched lengths raise ValueError.
 
 Batch statistics are over what is passed in: in distributed training, gather the global batch first.
+
+:data:`ESTIMATORS` is the table the training module reads: a name -> ``f(rewards, prompt_index, scores, settings)``
+returning :class:`Advantages`. A new estimator is one function and one entry. The method and its choices:
+docs/method.md.
 """
 
 from __future__ import annotations

@@ -11,9 +11,9 @@ The method and its choices are written up in docs/method.md.
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,23 +21,17 @@ import lightning as L
 import torch
 import torchmetrics
 
-from ._distributed import all_gather_records, average_gradients, min_over_ranks
+from ._distributed import all_gather_records, average_gradients, min_over_ranks, require_ddp
 from .advantages import AdvantageSettings, get_estimator
-from .difficulty import perceptual_groups
+from .checkpointing import restore_rng_state, rng_state, trainable_state
 from .dynamic_sampling import PromptBuffer
+from .evaluation import METRIC_NAMES, accuracy_per_source, metric_updates, prediction_rows, sample_records
 from .global_batch import UpdateRecord, gather_global_batch
 from .models.loading import load_policy
-from .rewards import extract_answer
+from .models.reference import ReferencePolicy
 from .rollout import completion_logprobs, generate_rollouts
 from .scoring import ScoredRollouts, score_rollouts
-from .settings import (
-    EvaluationSettings,
-    LoraSettings,
-    LossSettings,
-    OptimizationSettings,
-    RewardSettings,
-    RolloutSettings,
-)
+from .settings import EvaluationSettings, as_settings, LoraSettings, LossSettings, OptimizationSettings, RewardSettings, RolloutSettings
 from .update import UpdateBatch, ppo_update
 
 
@@ -75,23 +69,24 @@ class DurianGRPO(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False
+        self.strict_loading = False  # checkpoints hold the trainable weights only; the frozen ones come from the model
         # settings arrive as dataclasses, or as dicts from a checkpoint's hyper-parameters
-        self.lora, self.rollout, self.advantages, self.optimization, self.evaluation = (
-            _settings(cls, value) for cls, value in ((LoraSettings, lora), (RolloutSettings, rollout),
-                                                     (AdvantageSettings, advantages), (OptimizationSettings, optimization),
-                                                     (EvaluationSettings, evaluation)))
+        self.lora = as_settings(lora, LoraSettings)
+        self.rollout = as_settings(rollout, RolloutSettings)
+        self.advantages = as_settings(advantages, AdvantageSettings)
+        self.optimization = as_settings(optimization, OptimizationSettings)
+        self.evaluation = as_settings(evaluation, EvaluationSettings)
         self.estimator = get_estimator(self.advantages.estimator)
-        self.loss_config = _settings(LossSettings, loss).resolve()
-        self.reward = _settings(RewardSettings, reward).build()
+        self.loss_config = as_settings(loss, LossSettings).resolve()
+        self.reward = as_settings(reward, RewardSettings).build()
         self.model = self.processor = None
-        self._frozen_reference: list = []  # a list keeps the copy out of the checkpoint and the optimizer
+        self.reference: ReferencePolicy | None = None  # for the KL term, built with the model
         self.buffer = PromptBuffer() if self.optimization.dynamic_sampling else None
         self.last_update: UpdateRecord | None = None  # what the last update saw, for callbacks
         self._phase_seconds: dict[str, float] = {}
         # accuracy overall and per perceptual group (0 simple .. 2 complex images), for validation and test
         self.eval_metrics = torch.nn.ModuleDict({
-            f"{stage}_{name}": torchmetrics.MeanMetric()
-            for stage in ("val", "test") for name in ("accuracy", "reward", *(f"accuracy_perceptual_{k}" for k in range(3)))
+            f"{stage}_{name}": torchmetrics.MeanMetric() for stage in ("val", "test") for name in METRIC_NAMES
         })
         self.eval_records: list[dict[str, Any]] = []  # per-sample evaluation results, for the error-vs-difficulty callback
 
@@ -105,20 +100,12 @@ class DurianGRPO(L.LightningModule):
             hp.model_name_or_path, hp.dtype, self.lora.enabled, self.lora.r, self.lora.alpha, self.lora.dropout,
             self.lora.target_modules, hp.gradient_checkpointing,
         )
-        if not self.lora.enabled and self.loss_config.kl_coef > 0:
-            # full fine-tuning has no adapter to switch off: keep a frozen copy (outside the state dict)
-            self._frozen_reference = [copy.deepcopy(self.model).eval().requires_grad_(False)]
+        if self.loss_config.kl_coef > 0:
+            self.reference = ReferencePolicy(self.model, lora=self.lora.enabled)
 
     def setup(self, stage: str) -> None:
-        if stage == "fit" and self.trainer.world_size > 1:
-            from lightning.pytorch.strategies import DDPStrategy
-
-            if not isinstance(self.trainer.strategy, DDPStrategy):
-                # FSDP / DeepSpeed shard gradients, which the one flat all-reduce per optimizer step does not handle
-                raise ValueError(
-                    f"multi-process training supports --trainer.strategy ddp, got {type(self.trainer.strategy).__name__} "
-                    "(FSDP / DeepSpeed: see the README section 'Larger models')"
-                )
+        if stage == "fit":
+            require_ddp(self.trainer)
 
     def configure_optimizers(self):
         opt = self.optimization
@@ -134,12 +121,7 @@ class DurianGRPO(L.LightningModule):
         return completion_logprobs(self.model, self.processor, rollout, rows, self.rollout.temperature)
 
     def reference_logprobs(self, rollout, rows: torch.Tensor) -> torch.Tensor:
-        """The base model with the LoRA adapter switched off (exact), or the frozen copy of full fine-tuning."""
-        if self.lora.enabled:
-            with self.model.disable_adapter():
-                return self.policy_logprobs(rollout, rows)
-        reference = self._frozen_reference[0].to(self.device)
-        return completion_logprobs(reference, self.processor, rollout, rows, self.rollout.temperature)
+        return self.reference(completion_logprobs, self.processor, rollout, rows, self.rollout.temperature)
 
     # ------------------------------------------------------------------------------------------ training
 
@@ -148,8 +130,6 @@ class DurianGRPO(L.LightningModule):
         self.last_update = None  # set again only if this step updates the policy
         self._phase_seconds = {}
         rollout_batch_size, mini_batch_size = opt.batch_sizes(len(batch["prompt"]))
-        # one optimizer step from one pass: the update's own detached log-probs are the old ones (see ppo_update)
-        needs_old_logprobs = opt.ppo_epochs > 1 or mini_batch_size < rollout_batch_size or self.buffer is not None
 
         with self._timed("generate"):
             generated = generate_rollouts(self.model, self.processor, batch["prompt"], batch["images"],
@@ -159,17 +139,11 @@ class DurianGRPO(L.LightningModule):
             scored = score_rollouts(generated, batch, self.reward, self.rollout.num_generations,
                                     self.advantages.confidence_reduction, self.device)
         if self.buffer is not None:
-            informative = self.buffer.informative(scored)
-            self.log("train/dynamic_sampling_kept", informative.num_prompts / scored.num_prompts)
-            scored = informative
-        scored = self._logprob_passes(scored, needs_old_logprobs)
-        if self.buffer is not None:
-            self.buffer.add(scored)
-            # ranks update together (the statistics and the gradient all-reduce are collectives): once the rank with
-            # the fewest waiting prompts has a full batch
-            if min_over_ranks(len(self.buffer), self.trainer.world_size, self.device) < rollout_batch_size:
-                return None
-            scored = self.buffer.take(rollout_batch_size)
+            scored = self._dynamic_sampling(scored, rollout_batch_size)
+            if scored is None:
+                return None  # not yet a full batch of informative prompts on every rank
+        else:  # one optimizer step from one pass: the update's own log-probs are the old ones (see ppo_update)
+            scored = self._logprob_passes(scored, old=opt.ppo_epochs > 1 or mini_batch_size < rollout_batch_size)
 
         with self._timed("advantages"):
             world = gather_global_batch(scored, self.trainer.world_size, self.global_rank, self._entropy_thresholds())
@@ -178,8 +152,8 @@ class DurianGRPO(L.LightningModule):
         update = UpdateBatch(scored.rollout, self.last_update.local_advantages.float(), scored.num_generations,
                              scored.old_logprobs, scored.ref_logprobs)
         with self._timed("policy_update"):
-            stats = ppo_update(update, lambda rows: self.policy_logprobs(scored.rollout, rows), self.loss_config, mini_batch_size, opt.micro_batch_size,
-                               opt.ppo_epochs, self._backward, self._optimizer_step)
+            stats = ppo_update(update, partial(self.policy_logprobs, scored.rollout), self.loss_config, mini_batch_size,
+                               opt.micro_batch_size, opt.ppo_epochs, self._backward, self._optimizer_step)
 
         self.log_dict({
             "train/loss": stats.loss, "train/kl": stats.kl, "train/clip_fraction": stats.clip_fraction,
@@ -190,6 +164,16 @@ class DurianGRPO(L.LightningModule):
         })
         self.log("reward", float(scored.rewards.mean()), prog_bar=True, logger=False)
         return None
+
+    def _dynamic_sampling(self, scored: ScoredRollouts, rollout_batch_size: int) -> ScoredRollouts | None:
+        """Buffer this step's informative prompts (with their own old log-probs: they may wait over an update); a full
+        batch of the oldest once every rank has one (the statistics and the all-reduce are collectives)."""
+        informative = self.buffer.informative(scored)
+        self.log("train/dynamic_sampling_kept", informative.num_prompts / scored.num_prompts)
+        self.buffer.add(self._logprob_passes(informative, old=True))
+        if min_over_ranks(len(self.buffer), self.trainer.world_size, self.device) < rollout_batch_size:
+            return None
+        return self.buffer.take(rollout_batch_size)
 
     def _logprob_passes(self, scored: ScoredRollouts, old: bool) -> ScoredRollouts:
         """The old-policy (when the batch feeds several optimizer steps) and reference (for a KL term) log-probs."""
@@ -245,11 +229,20 @@ class DurianGRPO(L.LightningModule):
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._evaluate(batch, "test")
 
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
+        return prediction_rows(self._generate_once(batch), batch)
+
     def on_validation_epoch_start(self) -> None:
         self.eval_records = []
 
     def on_test_epoch_start(self) -> None:
         self.eval_records = []
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_accuracy_per_source("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_accuracy_per_source("test")
 
     def perceptual_thresholds(self) -> torch.Tensor | None:
         """Evaluation's perceptual thresholds: the dataset's train percentiles when the datamodule has them."""
@@ -258,71 +251,33 @@ class DurianGRPO(L.LightningModule):
             return datamodule.entropy_thresholds(self.advantages.percentiles)
         return None
 
-    def _generate_and_score_once(self, batch: dict[str, Any]):
-        """One evaluation completion per prompt (greedy unless ``evaluation.do_sample``), scored."""
+    def _generate_once(self, batch: dict[str, Any]) -> ScoredRollouts:
+        """One completion per prompt (greedy unless ``evaluation.do_sample``), scored."""
         generated = generate_rollouts(self.model, self.processor, batch["prompt"], batch["images"], 1,
                                       self.evaluation.sampling(self.rollout), self.rollout.max_prompt_length, batch["id"])
         return score_rollouts(generated, batch, self.reward, 1, self.advantages.confidence_reduction, self.device)
 
     def _evaluate(self, batch: dict[str, Any], stage: str) -> None:
-        scored = self._generate_and_score_once(batch)
-        correct = scored.reward_components.get("accuracy", scored.rewards)
-        groups = perceptual_groups(scored.visual_entropy, self.advantages.percentiles, self.perceptual_thresholds())
-        updates = {"accuracy": correct, "reward": scored.rewards}
-        for k in range(3):  # every rank logs the same keys (an absent group is an empty update): they sync as one
-            updates[f"accuracy_perceptual_{k}"] = correct[groups.to(correct.device) == k]
-        for name, values in updates.items():
+        scored = self._generate_once(batch)
+        for name, values in metric_updates(scored, self.advantages.percentiles, self.perceptual_thresholds()).items():
             metric = self.eval_metrics[f"{stage}_{name}"]
             metric.update(values)
             self.log(f"{stage}/{name}", metric, prog_bar=name == "accuracy")
-        for i in range(len(correct)):
-            self.eval_records.append({
-                "id": batch["id"][i], "correct": float(correct[i]), "visual_entropy": float(scored.visual_entropy[i]),
-                "confidence": float(scored.confidence[i]), "completion": scored.rollout.completions[i],
-                "answer": batch["answer"][i], **({"source": batch["source"][i]} if "source" in batch else {}),
-            })
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_accuracy_per_source("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._log_accuracy_per_source("test")
+        self.eval_records.extend(sample_records(scored, batch))
 
     def _log_accuracy_per_source(self, stage: str) -> None:
-        """Accuracy per benchmark when the data has a ``source`` column, over every rank's samples (ranks may hold
-        different sources, so this is computed from the gathered records rather than synced per key)."""
-        by_source: dict[str, list[float]] = {}
-        for record in all_gather_records(self._trainer, self.eval_records):
-            if "source" in record:
-                by_source.setdefault(str(record["source"]), []).append(record["correct"])
-        for source, values in sorted(by_source.items()):
-            self.log(f"{stage}/accuracy_source_{source}", sum(values) / len(values))
-
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
-        """Greedy (or sampled) completions with their extracted answers and rewards."""
-        scored = self._generate_and_score_once(batch)
-        completions = scored.rollout.completions
-        return [
-            {"id": batch["id"][i], "completion": completions[i], "prediction": extract_answer(completions[i]),
-             "answer": batch["answer"][i], "reward": float(scored.rewards[i])}
-            for i in range(len(completions))
-        ]
+        """Over every rank's samples (ranks may hold different sources: gathered records, not per-key syncs)."""
+        for source, accuracy in accuracy_per_source(all_gather_records(self._trainer, self.eval_records)).items():
+            self.log(f"{stage}/accuracy_source_{source}", accuracy)
 
     # ------------------------------------------------------------------------------------------ checkpoints
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep only the trainable weights (the adapter, not a 7B base model) and the sampling RNG state."""
-        trainable = {f"model.{name}" for name, p in self.model.named_parameters() if p.requires_grad}
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable or not k.startswith("model.")}
-        checkpoint["durian_rng"] = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+        checkpoint["state_dict"] = trainable_state(checkpoint["state_dict"], self.model)
+        checkpoint["durian_rng"] = rng_state()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.strict_loading = False  # frozen base weights come from model_name_or_path, not the checkpoint
-        rng = checkpoint.get("durian_rng")
-        if rng is not None:
-            torch.set_rng_state(rng["torch"])
-            if rng["cuda"] and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(rng["cuda"])
+        restore_rng_state(checkpoint.get("durian_rng"))
 
     def on_fit_end(self) -> None:
         if not self.lora.enabled:
@@ -333,7 +288,3 @@ class DurianGRPO(L.LightningModule):
         folder = self.hparams.adapter_dir or str(Path(run_dir) / "adapter")
         self.model.save_pretrained(folder)
         self.processor.save_pretrained(folder)
-
-
-def _settings(cls, value):
-    return cls(**value) if isinstance(value, dict) else value

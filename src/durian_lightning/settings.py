@@ -27,6 +27,11 @@ __all__ = [
 ]
 
 
+def as_settings(value, cls):
+    """``value`` as a ``cls`` instance: LightningCLI hands dataclasses, a checkpoint's hyper-parameters plain dicts."""
+    return cls(**value) if isinstance(value, dict) else value
+
+
 def _at_least(name: str, value: int | float, low: int | float) -> None:
     if value < low:
         raise ValueError(f"{name} must be >= {low}, got {value}")

@@ -1,0 +1,60 @@
+"""Evaluation of one completion per prompt: accuracy overall and per perceptual group, per-sample records (for the
+error-vs-difficulty table and per-source accuracy), and prediction rows. Plain functions; the module logs them."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from .difficulty import perceptual_groups
+from .rewards import extract_answer
+from .scoring import ScoredRollouts
+
+# one metric per name and stage; every rank updates every one (an absent group is an empty update) so they sync as one
+METRIC_NAMES = ("accuracy", "reward", *(f"accuracy_perceptual_{k}" for k in range(3)))
+
+
+def _correct(scored: ScoredRollouts) -> torch.Tensor:
+    """The accuracy reward when there is one, else the total reward."""
+    return scored.reward_components.get("accuracy", scored.rewards)
+
+
+def metric_updates(
+    scored: ScoredRollouts, percentiles: Sequence[float], thresholds: torch.Tensor | None
+) -> dict[str, torch.Tensor]:
+    """The values each of :data:`METRIC_NAMES` averages, for one evaluation batch (perceptual group 0 = simplest)."""
+    correct = _correct(scored)
+    groups = perceptual_groups(scored.visual_entropy, percentiles, thresholds).to(correct.device)
+    return {"accuracy": correct, "reward": scored.rewards,
+            **{f"accuracy_perceptual_{k}": correct[groups == k] for k in range(3)}}
+
+
+def sample_records(scored: ScoredRollouts, batch: dict[str, Any]) -> list[dict[str, Any]]:
+    """One record per sample: correctness, difficulty scores, completion and answer (and ``source`` if present)."""
+    correct = _correct(scored)
+    return [
+        {"id": scored.ids[i], "correct": float(correct[i]), "visual_entropy": float(scored.visual_entropy[i]),
+         "confidence": float(scored.confidence[i]), "completion": scored.rollout.completions[i],
+         "answer": batch["answer"][i], **({"source": batch["source"][i]} if "source" in batch else {})}
+        for i in range(scored.num_prompts)
+    ]
+
+
+def accuracy_per_source(records: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Mean correctness per ``source`` (benchmark) of the records that have one."""
+    by_source: dict[str, list[float]] = {}
+    for record in records:
+        if "source" in record:
+            by_source.setdefault(str(record["source"]), []).append(record["correct"])
+    return {source: sum(values) / len(values) for source, values in sorted(by_source.items())}
+
+
+def prediction_rows(scored: ScoredRollouts, batch: dict[str, Any]) -> list[dict[str, Any]]:
+    """What ``durian predict`` returns per sample: the completion, its extracted answer, the gold answer, the reward."""
+    completions = scored.rollout.completions
+    return [
+        {"id": scored.ids[i], "completion": completions[i], "prediction": extract_answer(completions[i]),
+         "answer": batch["answer"][i], "reward": float(scored.rewards[i])}
+        for i in range(scored.num_prompts)
+    ]
