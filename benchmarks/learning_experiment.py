@@ -176,9 +176,26 @@ def report(configs: list[str], out: Path) -> dict:
             row[key] = {k: _mean_std([r[key][k] for r in results if k in r[key]]) for k in names}
         summary[config] = row
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    prior = answer_prior()
+    (out / "answer_prior.json").write_text(json.dumps(prior, indent=1))
     _draw(runs, out / "learning_curves.png")
     print(_markdown(summary))
+    print("\nAnswer prior (each question type's most frequent training answer, no image): " + "; ".join(
+        f"{split} {accuracy['overall']:.3f} (" + ", ".join(f"{t} {a:.3f}" for t, a in accuracy.items() if t != "overall") + ")"
+        for split, accuracy in prior.items()))
     return summary
+
+
+def answer_prior() -> dict[str, dict[str, float]]:
+    """The baseline every accuracy above is read against, on the bundled validation and test splits."""
+    from durian_lightning.answer_prior import answer_prior_accuracy, most_frequent_answers
+
+    def pairs(split: str) -> list[tuple[str, str]]:
+        with open(REPO / "data" / "synthetic" / f"{split}.jsonl") as f:
+            return [(row["question_type"], row["answer"]) for row in map(json.loads, f)]
+
+    prior = most_frequent_answers(pairs("train"))
+    return {split: answer_prior_accuracy(prior, pairs(split)) for split in ("val", "test")}
 
 
 def _markdown(summary: dict) -> str:

@@ -178,3 +178,19 @@ def test_weighted_reward_bad_configuration():
         WeightedReward.paper_default()(["a", "b"], ["1"])
     with pytest.raises(ValueError, match="row field 'source' has 1 entries"):
         WeightedReward.paper_default()(["a", "b"], ["1", "2"], source=["x"])
+
+
+def test_answer_prior_by_hand():
+    from durian_lightning.answer_prior import answer_prior_accuracy, most_frequent_answers
+
+    train = [("count", "1"), ("count", "1"), ("count", "2"), ("color", "red"), ("color", "Blue"), ("color", "blue"),
+             ("sum", "3"), ("sum", "4")]  # sum: a tie, the answer seen first wins
+    prior = most_frequent_answers(train)
+    assert prior == {"count": "1", "color": "Blue", "sum": "3"}  # "Blue" and "blue" are one answer, seen as "Blue"
+    evaluated = [("count", "1"), ("count", "2"), ("count", "1.0"), ("color", "blue"), ("sum", "4"), ("total", "5")]
+    accuracy = answer_prior_accuracy(prior, evaluated)
+    # count: 1 right, 2 wrong, 1.0 right (numerically equal) -> 2/3; color 1/1; sum 0/1; total never seen -> 0/1
+    assert accuracy == pytest.approx({"count": 2 / 3, "color": 1.0, "sum": 0.0, "total": 0.0, "overall": 3 / 6})
+    assert answer_prior_accuracy(prior, []) == {}
+    # data without a question-type column: one type, the most frequent answer overall
+    assert most_frequent_answers([("", "a"), ("", "b"), ("", "b")]) == {"": "b"}

@@ -470,17 +470,19 @@ def test_predict_and_test_subcommands(tmp_path):
         assert row["reward"] == pytest.approx(float(paper([row["completion"]], [row["answer"]]).total))
 
 
-def test_accuracy_per_source_column(tmp_path):
+def test_accuracy_per_source_and_question_type_with_the_answer_prior_beside_it(tmp_path):
     import json
+
+    from durian_lightning.answer_prior import answer_prior_accuracy, most_frequent_answers
 
     data = tmp_path / "data"
     data.mkdir()
     rows = [json.loads(line) for line in open(REPO / "data" / "synthetic" / "val.jsonl")][:8]
     for split in ("train", "validation"):
         with open(data / f"{split}.jsonl", "w") as f:
-            for row in rows:  # the question type plays the benchmark name
+            for i, row in enumerate(rows):  # two made-up benchmarks across the question types
                 f.write(json.dumps({**row, "images": [str(REPO / "data" / "synthetic" / row["images"][0])],
-                                    "source": row["question_type"]}) + "\n")
+                                    "source": f"bench{i % 2}"}) + "\n")
     # a graded reward (not 0 / 1 accuracy) so the per-source means differ
     cli = run_cli(["validate", *fit_args(tmp_path, "tiny:llava", "--data.source", str(data), "--data.eval_batch_size", "8",
                                          "--model.reward.functions", "[tests.test_training:length_reward]",
@@ -488,10 +490,19 @@ def test_accuracy_per_source_column(tmp_path):
     records = cli.model.eval_records
     assert len(records) == 8 and len({r["correct"] for r in records}) > 1
     metrics = cli.trainer.callback_metrics
-    for source in {r["source"] for r in records}:
-        chosen = [r["correct"] for r in records if r["source"] == source]
-        assert float(metrics[f"val/accuracy_source_{source}"]) == pytest.approx(sum(chosen) / len(chosen))
+    for column in ("source", "question_type"):
+        values = {r[column] for r in records}
+        assert len(values) > 1
+        for value in values:
+            chosen = [r["correct"] for r in records if r[column] == value]
+            assert float(metrics[f"val/accuracy_{column}_{value}"]) == pytest.approx(sum(chosen) / len(chosen))
     assert float(metrics["val/accuracy"]) == pytest.approx(sum(r["correct"] for r in records) / 8)
+    # the answer prior of the train split (the same 8 rows here), on the evaluated samples
+    pairs = [(row["question_type"], row["answer"]) for row in rows]
+    prior = answer_prior_accuracy(most_frequent_answers(pairs), pairs)
+    assert float(metrics["val/answer_prior"]) == pytest.approx(prior["overall"])
+    for question_type in {row["question_type"] for row in rows}:
+        assert float(metrics[f"val/answer_prior_question_type_{question_type}"]) == pytest.approx(prior[question_type])
 
 
 def test_gradient_checkpointing_gives_the_same_update(tmp_path):

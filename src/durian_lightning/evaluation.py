@@ -31,23 +31,28 @@ def metric_updates(
 
 
 def sample_records(scored: ScoredRollouts, batch: dict[str, Any]) -> list[dict[str, Any]]:
-    """One record per sample: correctness, difficulty scores, completion and answer (and ``source`` if present)."""
+    """One record per sample: correctness, difficulty scores, completion and answer, and the breakdown columns
+    (:data:`BREAKDOWNS`) the batch has."""
     correct = _correct(scored)
     return [
         {"id": scored.ids[i], "correct": float(correct[i]), "visual_entropy": float(scored.visual_entropy[i]),
          "confidence": float(scored.confidence[i]), "completion": scored.rollout.completions[i],
-         "answer": batch["answer"][i], **({"source": batch["source"][i]} if "source" in batch else {})}
+         "answer": batch["answer"][i], **{column: batch[column][i] for column in BREAKDOWNS if column in batch}}
         for i in range(scored.num_prompts)
     ]
 
 
-def accuracy_per_source(records: Sequence[dict[str, Any]]) -> dict[str, float]:
-    """Mean correctness per ``source`` (benchmark) of the records that have one."""
-    by_source: dict[str, list[float]] = {}
+# dataset columns that evaluation accuracy is also reported by: the benchmark a sample comes from, its question type
+BREAKDOWNS = ("source", "question_type")
+
+
+def accuracy_by(records: Sequence[dict[str, Any]], column: str) -> dict[str, float]:
+    """Mean correctness per value of ``column`` over the records that have it."""
+    by_value: dict[str, list[float]] = {}
     for record in records:
-        if "source" in record:
-            by_source.setdefault(str(record["source"]), []).append(record["correct"])
-    return {source: sum(values) / len(values) for source, values in sorted(by_source.items())}
+        if column in record:
+            by_value.setdefault(str(record[column]), []).append(record["correct"])
+    return {value: sum(values) / len(values) for value, values in sorted(by_value.items())}
 
 
 def prediction_rows(scored: ScoredRollouts, batch: dict[str, Any]) -> list[dict[str, Any]]:

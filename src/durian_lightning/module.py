@@ -25,7 +25,8 @@ from ._distributed import all_gather_records, average_gradients, min_over_ranks,
 from .advantages import AdvantageSettings, get_estimator
 from .checkpointing import restore_rng_state, rng_state, trainable_state
 from .dynamic_sampling import PromptBuffer
-from .evaluation import METRIC_NAMES, accuracy_per_source, metric_updates, prediction_rows, sample_records
+from .answer_prior import answer_prior_accuracy, most_frequent_answers
+from .evaluation import BREAKDOWNS, METRIC_NAMES, accuracy_by, metric_updates, prediction_rows, sample_records
 from .global_batch import UpdateRecord, gather_global_batch
 from .models.loading import load_policy
 from .models.reference import ReferencePolicy
@@ -239,10 +240,10 @@ class DurianGRPO(L.LightningModule):
         self.eval_records = []
 
     def on_validation_epoch_end(self) -> None:
-        self._log_accuracy_per_source("val")
+        self._log_breakdowns("val")
 
     def on_test_epoch_end(self) -> None:
-        self._log_accuracy_per_source("test")
+        self._log_breakdowns("test")
 
     def perceptual_thresholds(self) -> torch.Tensor | None:
         """Evaluation's perceptual thresholds: the dataset's train percentiles when the datamodule has them."""
@@ -265,10 +266,20 @@ class DurianGRPO(L.LightningModule):
             self.log(f"{stage}/{name}", metric, prog_bar=name == "accuracy")
         self.eval_records.extend(sample_records(scored, batch))
 
-    def _log_accuracy_per_source(self, stage: str) -> None:
-        """Over every rank's samples (ranks may hold different sources: gathered records, not per-key syncs)."""
-        for source, accuracy in accuracy_per_source(all_gather_records(self._trainer, self.eval_records)).items():
-            self.log(f"{stage}/accuracy_source_{source}", accuracy)
+    def _log_breakdowns(self, stage: str) -> None:
+        """Accuracy per source and per question type, and the answer-prior baseline beside each, over every rank's
+        samples (ranks may hold different values: gathered records, not per-key syncs)."""
+        records = all_gather_records(self._trainer, self.eval_records)
+        for column in BREAKDOWNS:
+            for value, accuracy in accuracy_by(records, column).items():
+                self.log(f"{stage}/accuracy_{column}_{value}", accuracy)
+        train = getattr(getattr(self.trainer, "datamodule", None), "samples", {}).get("train")
+        if not train or not records:
+            return
+        prior = most_frequent_answers((str(s.extra.get("question_type", "")), s.answer) for s in train)
+        evaluated = [(str(r.get("question_type", "")), r["answer"]) for r in records]
+        for key, accuracy in answer_prior_accuracy(prior, evaluated).items():
+            self.log(f"{stage}/answer_prior" if key == "overall" else f"{stage}/answer_prior_question_type_{key}", accuracy)
 
     # ------------------------------------------------------------------------------------------ checkpoints
 
