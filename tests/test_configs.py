@@ -6,6 +6,7 @@ import pytest
 import yaml
 
 from durian_lightning.cli import run_cli
+from durian_lightning.settings import LoraSettings, LossSettings
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
@@ -61,3 +62,22 @@ def test_recipes_mirror_the_papers_setup(capsys, config):
         assert model["advantages"]["alphas"] == [0.1, 0.2, 0.7]
     dapo = "dapo" in config.name
     assert (model["loss"]["preset"] == "dapo") == dapo and model["optimization"]["dynamic_sampling"] == dapo
+    # the recipe gets exactly what it names plus the classes' defaults, never the offline default's overrides
+    # (configs/default.yaml sets kl_coef 0 and adapts the MLP too): the grpo preset's KL 0.01 stays
+    loss = LossSettings(**model["loss"]).resolve(model["rollout"]["max_new_tokens"])
+    assert loss.kl_coef == (0.0 if dapo else 0.01)
+    assert model["lora"]["target_modules"] == LoraSettings().target_modules
+
+
+@pytest.mark.parametrize("args, kl_coef", [
+    (["--model.loss.preset", "grpo"], 0.01),  # default.yaml's kl_coef 0.0 belonged to its own preset choice
+    (["--model.loss.preset=grpo"], 0.01),
+    (["--model.loss.kl_coef", "0.05", "--model.loss.preset", "grpo"], 0.05),  # a value named here still applies
+    (["--model.loss.preset", "grpo", "--model.loss.kl_coef", "0.05"], 0.05),
+    ([], 0.0),  # no preset named: default.yaml's choice stands
+])
+def test_a_preset_named_on_the_command_line_sets_its_own_values(capsys, args, kl_coef):
+    printed = printed_config(capsys, ["fit", *args, "--print_config"])
+    loss = LossSettings(**printed["model"]["loss"]).resolve(printed["model"]["rollout"]["max_new_tokens"])
+    assert loss.kl_coef == kl_coef
+    assert printed["model"]["rollout"]["num_generations"] == 8  # the rest of default.yaml still applies

@@ -154,3 +154,22 @@ def test_micro_batch_losses_with_the_batch_denominator_add_up_to_the_batch_loss(
              for c in torch.arange(6).split(4)]
     for field in ("loss", "policy_loss", "kl"):
         assert sum(float(getattr(p, field)) for p in parts) == pytest.approx(float(getattr(whole, field)), rel=1e-6)
+
+
+def test_dr_grpo_divides_by_a_constant_not_by_the_batch_width():
+    from durian_lightning.settings import LossSettings
+
+    config = LossSettings(preset="grpo", aggregation="seq-mean-token-sum", kl_coef=0.0).resolve(max_new_tokens=64)
+    assert config.normalizer == 64.0
+    assert LossSettings(aggregation="seq-mean-token-sum", normalizer=10).resolve(64).normalizer == 10.0
+
+    def loss_at_width(width: int) -> float:
+        # one sequence of 3 real tokens, ratio 1, advantage 1: token losses -1, summed -3, over the constant 64
+        logprobs = torch.zeros(1, width)
+        mask = torch.zeros(1, width)
+        mask[0, :3] = 1
+        return float(policy_loss(logprobs, logprobs, torch.ones(1), mask, config=config).loss)
+
+    assert loss_at_width(3) == loss_at_width(50) == pytest.approx(-3 / 64)
+    with pytest.raises(ValueError, match="normalizer must be > 0"):
+        LossSettings(normalizer=0)

@@ -7,13 +7,17 @@ linked to the module's, so the entropy encoder is always the policy's own.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import sys
+import warnings
 from pathlib import Path
 from lightning.pytorch.cli import LightningCLI
 
 from .callbacks import CompletionSamplesCallback, DifficultyStatsCallback, ErrorVsDifficultyCallback
 from .data import MultimodalReasoningDataModule
 from .module import DurianGRPO
+from .settings import LossSettings
 
 TRAINER_DEFAULTS = {
     "max_epochs": 1,
@@ -36,24 +40,45 @@ class DurianCLI(LightningCLI):
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "default.yaml"  # the checkout's (editable install)
 
 
+LOSS_OVERRIDES = [f.name for f in dataclasses.fields(LossSettings) if f.name != "preset"]
+
+
+def _names_a_config(args: list[str]) -> bool:
+    return any(a in ("-c", "--config") or a.startswith("--config=") for a in args)
+
+
+def _preset_sets_its_own_values(args: list[str]) -> list[str]:
+    """A loss preset named on the command line brings its own clip, KL and aggregation: the overrides a config file
+    set for the previous preset are cleared (``null``), while overrides given on the command line still apply."""
+    if not any(a == "--model.loss.preset" or a.startswith("--model.loss.preset=") for a in args):
+        return args
+    first = next(i for i, a in enumerate(args) if a.startswith("--model.loss."))
+    return [*args[:first], *(f"--model.loss.{name}=null" for name in LOSS_OVERRIDES), *args[first:]]
+
+
 def run_cli(args: list[str] | None = None, default_config: bool = True) -> DurianCLI:
     """Parse ``args`` (default: the command line) and run the subcommand; returns the CLI (trainer, model, data).
 
-    ``configs/default.yaml`` is read first when present, so no arguments run the embedded offline default and
-    every ``--config`` / flag overrides it.
+    Without ``--config``, ``configs/default.yaml`` is read first, so no arguments run the embedded offline default and
+    every flag overrides it. With ``--config`` only that file is read (plus the classes' defaults): a recipe gets
+    exactly what it names, never the offline default's choices.
     """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = _preset_sets_its_own_values(list(sys.argv[1:] if args is None else args))
     parser_kwargs = {}
-    if default_config and DEFAULT_CONFIG.is_file():
+    if default_config and DEFAULT_CONFIG.is_file() and not _names_a_config(args):
         parser_kwargs = {cmd: {"default_config_files": [str(DEFAULT_CONFIG)]} for cmd in ("fit", "validate", "test", "predict")}
-    return DurianCLI(
-        DurianGRPO,
-        MultimodalReasoningDataModule,
-        trainer_defaults={**TRAINER_DEFAULTS, "callbacks": default_callbacks()},
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs=parser_kwargs,
-        args=args,
-    )
+    with warnings.catch_warnings():
+        # args always come from here (the command line passed through _preset_sets_its_own_values)
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+        return DurianCLI(
+            DurianGRPO,
+            MultimodalReasoningDataModule,
+            trainer_defaults={**TRAINER_DEFAULTS, "callbacks": default_callbacks()},
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs=parser_kwargs,
+            args=args,
+        )
 
 
 def main() -> None:

@@ -78,7 +78,7 @@ class DurianGRPO(L.LightningModule):
         self.optimization = as_settings(optimization, OptimizationSettings)
         self.evaluation = as_settings(evaluation, EvaluationSettings)
         self.estimator = get_estimator(self.advantages.estimator)
-        self.loss_config = as_settings(loss, LossSettings).resolve()
+        self.loss_config = as_settings(loss, LossSettings).resolve(self.rollout.max_new_tokens)
         self.reward = as_settings(reward, RewardSettings).build()
         self.model = self.processor = None
         self.reference: ReferencePolicy | None = None  # for the KL term, built with the model

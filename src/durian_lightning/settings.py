@@ -145,6 +145,8 @@ class LossSettings:
         kl_coef: KL penalty coefficient (overrides the preset).
         kl_estimator: k1, k2, k3 or low_var_kl (overrides the preset).
         aggregation: token-mean, seq-mean-token-mean or seq-mean-token-sum (overrides the preset).
+    normalizer: the constant seq-mean-token-sum divides each sequence's token sum by (Dr. GRPO); default: the
+        rollouts' max_new_tokens, so a sequence's loss never depends on how long its batch's other completions are.
     """
 
     preset: Literal["grpo", "dapo"] = "grpo"
@@ -153,16 +155,20 @@ class LossSettings:
     kl_coef: float | None = None
     kl_estimator: KLEstimator | None = None
     aggregation: Aggregation | None = None
+    normalizer: float | None = None
 
     def __post_init__(self) -> None:
-        self.resolve()  # an unknown preset fails here
+        self.resolve(1)  # an unknown preset or a bad value fails here
+        if self.normalizer is not None and not self.normalizer > 0:
+            raise ValueError(f"loss.normalizer must be > 0, got {self.normalizer}")
 
-    def resolve(self) -> PolicyLossConfig:
-        """The preset with the overrides applied."""
+    def resolve(self, max_new_tokens: int) -> PolicyLossConfig:
+        """The preset with the overrides applied (``max_new_tokens``: the default normalizer)."""
         overrides = {name: value for name, value in (
             ("eps_low", self.eps_low), ("eps_high", self.eps_high), ("kl_coef", self.kl_coef),
             ("kl_estimator", self.kl_estimator), ("aggregation", self.aggregation)) if value is not None}
-        return PolicyLossConfig.preset(self.preset, **overrides)
+        normalizer = float(self.normalizer if self.normalizer is not None else max_new_tokens)
+        return PolicyLossConfig.preset(self.preset, normalizer=normalizer, **overrides)
 
 
 @dataclass(frozen=True)
