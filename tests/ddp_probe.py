@@ -41,6 +41,7 @@ class DumpRolloutCallback(L.Callback):
             "global_confidence": last.batch.scores.confidence.tolist(),
             "global_advantages": last.advantages.advantages.tolist(),
             "local_advantages": last.local_advantages.tolist(),
+            "waiting": len(pl_module.buffer) if pl_module.buffer is not None else None,
             "lora_sums": [float(v.double().sum()) for k, v in sorted(pl_module.model.state_dict().items()) if "lora_" in k],
         }
         with open(self.folder / f"rank{trainer.global_rank}-step{trainer.global_step}.json", "w") as f:

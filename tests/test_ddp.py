@@ -120,13 +120,16 @@ def assert_gradient_is_the_whole_batch_gradient(ranks, cache):
 
 
 def test_ddp_with_dynamic_sampling_updates_every_rank_at_the_same_step(tmp_path):
-    # ranks keep different numbers of informative prompts; they update together, once the poorest has a full batch
+    # ranks keep different numbers of informative prompts; they update together, once the poorest has a full batch,
+    # and the richer rank's surplus is dropped: no backlog grows
     dump = fit_on_two_ranks(
         tmp_path, "--model.loss.preset", "dapo", "--model.optimization.dynamic_sampling", "true",
         "--model.reward.functions", "[tests.ddp_probe:color_question_reward]", "--trainer.limit_val_batches", "0",
+        "--model.optimization.dynamic_sampling_reward", "total",
     )
     for step in (1, 2):
         ranks = [json.loads((dump / f"rank{r}-step{step}.json").read_text()) for r in (0, 1)]
         assert len(ranks[0]["global_rewards"]) == 2 * 3 * 4  # every rank brought exactly one batch of 3 prompts
+        assert [r["waiting"] for r in ranks] == [0, 0]
         assert ranks[0]["global_advantages"] == ranks[1]["global_advantages"]
         assert ranks[0]["lora_sums"] == ranks[1]["lora_sums"]

@@ -1,6 +1,8 @@
 """The training step's stages on hand-made batches: selecting and joining prompts, the dynamic-sampling buffer, the
 global batch of one process, and the update's refusal of a shortcut that would be wrong."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from PIL import Image
@@ -87,3 +89,19 @@ def test_the_update_refuses_the_on_policy_shortcut_for_several_optimizer_steps(p
     with pytest.raises(ValueError, match="old_logprobs are needed"):
         ppo_update(batch, lambda rows: torch.zeros(len(rows), 2), PolicyLossConfig(), mini_batch_size, 4, ppo_epochs,
                    lambda loss: None, lambda: None)
+
+
+def test_the_filter_compares_the_named_reward_component():
+    s = replace(scored(["p0", "p1"], [1, 0, 1, 1], width=1), reward_components={"accuracy": torch.tensor([1.0, 1, 0, 1]), "format": torch.tensor([1.0, 0, 1, 1])})
+    assert s.informative_prompts("total") == [0]
+    assert s.informative_prompts("accuracy") == [1]
+    assert s.informative_prompts("format") == [0]
+    with pytest.raises(ValueError, match=r"no reward component 'answer' to filter on; the reward has \['accuracy', 'format'\]"):
+        s.informative_prompts("answer")
+
+
+def test_clearing_the_buffer_drops_the_surplus():
+    buffer = PromptBuffer()
+    buffer.add(scored(["a0", "a1", "a2"], [1, 0] * 3, width=1))
+    assert buffer.take(2).ids == ["a0", "a1"]
+    assert buffer.clear() == 1 and len(buffer) == 0

@@ -273,6 +273,28 @@ def test_the_optimized_gradient_is_the_gradient_of_the_loss_by_hand(tmp_path, mi
     assert callback(cli.trainer, ByHandGradientCheck).compared == steps
 
 
+def small_data_folder(folder: Path, n: int, extra=lambda i: {}) -> Path:
+    """The first ``n`` bundled validation rows as a train and a validation split (images by absolute path)."""
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = [json.loads(line) for line in open(REPO / "data" / "synthetic" / "val.jsonl")][:n]
+    for split in ("train", "validation"):
+        with open(folder / f"{split}.jsonl", "w") as f:
+            for i, row in enumerate(rows):
+                f.write(json.dumps({**row, "images": [str(REPO / "data" / "synthetic" / row["images"][0])], **extra(i)}) + "\n")
+    return folder
+
+
+def test_a_short_last_batch_trains_with_a_short_last_mini_batch(tmp_path):
+    # 5 prompts in batches of 4: the epoch ends on a batch of 1, which mini-batches of 2 do not divide
+    cli = run_cli(["fit", *fit_args(tmp_path, "tiny:llava", "--data.source", str(small_data_folder(tmp_path / "data", 5)),
+                                    "--data.batch_size", "4", "--model.optimization.mini_batch_size", "2",
+                                    "--trainer.max_epochs", "1", "--trainer.limit_val_batches", "0",
+                                    "--model.reward.functions", "[tests.test_training:length_reward]")])
+    assert cli.trainer.global_step == 2 + 1  # the full batch in 2 optimizer steps, the short one in 1
+
+
 def test_one_rollout_batch_gives_the_configured_number_of_optimizer_steps(tmp_path):
     # 4 prompts per rollout batch, 2 per mini-batch, 2 PPO epochs -> 4 optimizer steps from one batch
     cli = run_cli(["fit", *fit_args(tmp_path, "tiny:llava", "--data.batch_size", "4", "--model.optimization.mini_batch_size", "2",
@@ -370,29 +392,36 @@ class RecordUpdates(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if pl_module.last_update is not None:
             local = pl_module.last_update.local
-            self.updates.append((list(local.ids), local.rewards.view(-1, local.num_generations), local.old_logprobs))
+            component = local.reward_components["tests.ddp_probe:color_question_reward"]
+            self.updates.append((list(local.ids), component.view(-1, local.num_generations), local.old_logprobs,
+                                 len(pl_module.buffer)))
 
 
 def test_dapo_preset_with_dynamic_sampling_trains_on_informative_prompts_only(tmp_path):
-    # only color questions can earn a reward (a dense one): every other prompt has equal rewards and must be dropped
+    # the filter compares a named reward component: only color questions can earn the color reward (a dense one), so
+    # every other prompt must be dropped, although the length reward makes nearly every prompt's totals differ
     cli = run_cli(["fit", *fit_args(tmp_path, "tiny:llava", "--model.loss.preset", "dapo",
                                     "--model.optimization.dynamic_sampling", "true", "--data.batch_size", "4",
                                     "--model.optimization.rollout_batch_size", "2",
-                                    "--model.reward.functions", "[tests.ddp_probe:color_question_reward]",
+                                    "--model.reward.functions",
+                                    "[tests.ddp_probe:color_question_reward, tests.test_training:length_reward]",
+                                    "--model.optimization.dynamic_sampling_reward", "tests.ddp_probe:color_question_reward",
                                     "--trainer.max_steps", "3", "--trainer.limit_val_batches", "0",
                                     "--trainer.callbacks+=tests.test_training.RecordUpdates")])
     assert cli.trainer.global_step == 3
     problems = {sample.id: sample.problem for sample in cli.datamodule.samples["train"]}
     updates = callback(cli.trainer, RecordUpdates).updates
     assert len(updates) == 3
-    for ids, rewards, old_logprobs in updates:
+    for ids, rewards, old_logprobs, waiting in updates:
         assert len(ids) == 2  # exactly rollout_batch_size prompts
         assert all("color" in problems[i] for i in ids), [problems[i] for i in ids]
         assert bool((rewards.amax(dim=1) > rewards.amin(dim=1)).all())
-        # a prompt kept over an update was sampled by an older policy: it carries its own old log-probs
-        assert old_logprobs is not None and old_logprobs.shape[0] == 2 * rewards.shape[1]
-    trained = [i for ids, _, _ in updates for i in ids]
-    assert len(set(trained)) == len(trained)  # first in, first out: no prompt twice
+        # the surplus is dropped at every update, so every prompt was sampled by the policy being updated: on-policy
+        assert waiting == 0 and old_logprobs is None
+    trained = [i for ids, *_ in updates for i in ids]
+    assert len(set(trained)) == len(trained)  # no prompt twice
+    dropped = [float(r["train/dynamic_sampling_dropped"]) for r in metrics(cli.trainer) if r.get("train/dynamic_sampling_dropped")]
+    assert dropped and all(d >= 0 and d.is_integer() for d in dropped)
 
 
 def test_a_registered_estimator_is_looked_up_by_name(tmp_path, monkeypatch):
@@ -475,14 +504,8 @@ def test_accuracy_per_source_and_question_type_with_the_answer_prior_beside_it(t
 
     from durian_lightning.answer_prior import answer_prior_accuracy, most_frequent_answers
 
-    data = tmp_path / "data"
-    data.mkdir()
     rows = [json.loads(line) for line in open(REPO / "data" / "synthetic" / "val.jsonl")][:8]
-    for split in ("train", "validation"):
-        with open(data / f"{split}.jsonl", "w") as f:
-            for i, row in enumerate(rows):  # two made-up benchmarks across the question types
-                f.write(json.dumps({**row, "images": [str(REPO / "data" / "synthetic" / row["images"][0])],
-                                    "source": f"bench{i % 2}"}) + "\n")
+    data = small_data_folder(tmp_path / "data", 8, lambda i: {"source": f"bench{i % 2}"})  # two made-up benchmarks
     # a graded reward (not 0 / 1 accuracy) so the per-source means differ
     cli = run_cli(["validate", *fit_args(tmp_path, "tiny:llava", "--data.source", str(data), "--data.eval_batch_size", "8",
                                          "--model.reward.functions", "[tests.test_training:length_reward]",

@@ -1,8 +1,12 @@
 """DAPO's dynamic sampling: only prompts whose rewards differ enter an update, and an update waits for a full batch.
 
-A prompt whose G rewards are all equal has zero advantage under every estimator and only dilutes the loss. The
-buffer holds informative prompts first in, first out, across steps; a prompt that waits over an update was sampled
-by an older policy, so it must carry its own old log-probs (the caller computes them before adding it).
+A prompt whose G accuracy rewards are all equal carries no signal (DAPO filters on accuracy; the format reward alone
+would keep prompts the model answers wrongly in the same way G times). The buffer collects informative prompts over
+steps until a full batch is there; after the update takes its batch, the surplus is dropped, as verl does: it was
+sampled by the policy the update replaces, and keeping it would let it grow stale and unbounded (under DDP every rank
+waits for the poorest, so the others' surplus would pile up). So every prompt an update sees was sampled by the policy
+being updated, and the buffer never holds more than one batch plus one step's prompts. Pending prompts are not
+checkpointed: a resumed run starts collecting afresh.
 """
 
 from __future__ import annotations
@@ -20,9 +24,9 @@ class PromptBuffer:
         return sum(part.num_prompts for part in self._parts)
 
     @staticmethod
-    def informative(scored: ScoredRollouts) -> ScoredRollouts:
-        """The prompts of ``scored`` whose G rewards are not all equal."""
-        return scored.select_prompts(scored.informative_prompts())
+    def informative(scored: ScoredRollouts, reward: str = "accuracy") -> ScoredRollouts:
+        """The prompts of ``scored`` whose G values of ``reward`` (a component's name, or "total") are not all equal."""
+        return scored.select_prompts(scored.informative_prompts(reward))
 
     def add(self, scored: ScoredRollouts) -> None:
         if scored.num_prompts:
@@ -42,3 +46,9 @@ class PromptBuffer:
             taken.append(part)
             count += part.num_prompts
         return ScoredRollouts.concat(taken)
+
+    def clear(self) -> int:
+        """Drop every waiting prompt; returns how many."""
+        dropped = len(self)
+        self._parts = []
+        return dropped

@@ -130,7 +130,8 @@ class DurianGRPO(L.LightningModule):
         opt = self.optimization
         self.last_update = None  # set again only if this step updates the policy
         self._phase_seconds = {}
-        rollout_batch_size, mini_batch_size = opt.batch_sizes(len(batch["prompt"]))
+        full_batch = getattr(self.trainer.train_dataloader, "batch_size", None) or len(batch["prompt"])
+        rollout_batch_size, mini_batch_size = opt.batch_sizes(full_batch)
 
         with self._timed("generate"):
             generated = generate_rollouts(self.model, self.processor, batch["prompt"], batch["images"],
@@ -143,8 +144,8 @@ class DurianGRPO(L.LightningModule):
             scored = self._dynamic_sampling(scored, rollout_batch_size)
             if scored is None:
                 return None  # not yet a full batch of informative prompts on every rank
-        else:  # one optimizer step from one pass: the update's own log-probs are the old ones (see ppo_update)
-            scored = self._logprob_passes(scored, old=opt.ppo_epochs > 1 or mini_batch_size < rollout_batch_size)
+        # one optimizer step from one pass: the update's own log-probs are the old ones (see ppo_update)
+        scored = self._logprob_passes(scored, old=opt.ppo_epochs > 1 or mini_batch_size < scored.num_prompts)
 
         with self._timed("advantages"):
             world = gather_global_batch(scored, self.trainer.world_size, self.global_rank, self._entropy_thresholds())
@@ -167,14 +168,16 @@ class DurianGRPO(L.LightningModule):
         return None
 
     def _dynamic_sampling(self, scored: ScoredRollouts, rollout_batch_size: int) -> ScoredRollouts | None:
-        """Buffer this step's informative prompts (with their own old log-probs: they may wait over an update); a full
-        batch of the oldest once every rank has one (the statistics and the all-reduce are collectives)."""
-        informative = self.buffer.informative(scored)
+        """Buffer this step's informative prompts; once every rank has a full batch (the statistics and the all-reduce
+        are collectives), the oldest batch, dropping the surplus (see dynamic_sampling.py)."""
+        informative = self.buffer.informative(scored, self.optimization.dynamic_sampling_reward)
         self.log("train/dynamic_sampling_kept", informative.num_prompts / scored.num_prompts)
-        self.buffer.add(self._logprob_passes(informative, old=True))
+        self.buffer.add(informative)
         if min_over_ranks(len(self.buffer), self.trainer.world_size, self.device) < rollout_batch_size:
             return None
-        return self.buffer.take(rollout_batch_size)
+        batch = self.buffer.take(rollout_batch_size)
+        self.log("train/dynamic_sampling_dropped", float(self.buffer.clear()))
+        return batch
 
     def _logprob_passes(self, scored: ScoredRollouts, old: bool) -> ScoredRollouts:
         """The old-policy (when the batch feeds several optimizer steps) and reference (for a KL term) log-probs."""

@@ -43,9 +43,16 @@ class ScoredRollouts:
         """(N,) the prompt each row answers."""
         return torch.arange(self.num_prompts, device=self.rewards.device).repeat_interleave(self.num_generations)
 
-    def informative_prompts(self) -> list[int]:
-        """Prompts whose G rewards are not all equal (the others have zero advantage under every estimator)."""
-        per_prompt = self.rewards.view(-1, self.num_generations)
+    def informative_prompts(self, reward: str = "total") -> list[int]:
+        """Prompts whose G values of ``reward`` (a reward component's name, or ``"total"``) are not all equal."""
+        if reward == "total":
+            values = self.rewards
+        elif reward in self.reward_components:
+            values = self.reward_components[reward]
+        else:
+            raise ValueError(f"no reward component {reward!r} to filter on; the reward has "
+                             f"{sorted(self.reward_components)} (or 'total', the weighted sum)")
+        per_prompt = values.view(-1, self.num_generations)
         return (per_prompt.amax(dim=1) != per_prompt.amin(dim=1)).nonzero().flatten().tolist()
 
     def select_prompts(self, prompts: Sequence[int]) -> "ScoredRollouts":

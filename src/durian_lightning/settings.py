@@ -185,7 +185,9 @@ class OptimizationSettings:
         micro_batch_size: rollouts per forward/backward (gradient accumulation; memory only, the update is the same).
         ppo_epochs: passes over each rollout batch.
         dynamic_sampling: DAPO's filter: drop prompts whose G rewards are all equal and update once rollout_batch_size
-            informative prompts are collected.
+            informative prompts are collected (the surplus is dropped after each update).
+        dynamic_sampling_reward: the reward component the filter compares (default accuracy, as DAPO; "total" for
+            the weighted sum, e.g. with reward functions that have no accuracy component).
     """
 
     learning_rate: float = 1e-5
@@ -197,6 +199,7 @@ class OptimizationSettings:
     micro_batch_size: int = 16
     ppo_epochs: int = 1
     dynamic_sampling: bool = False
+    dynamic_sampling_reward: str = "accuracy"
 
     def __post_init__(self) -> None:
         for name in ("micro_batch_size", "ppo_epochs"):
@@ -205,7 +208,8 @@ class OptimizationSettings:
             raise ValueError(f"mini_batch_size={self.mini_batch_size} must divide rollout_batch_size={self.rollout_batch_size}")
 
     def batch_sizes(self, loader_batch_size: int) -> tuple[int, int]:
-        """``(rollout_batch_size, mini_batch_size)`` in prompts for a dataloader batch of ``loader_batch_size``."""
+        """``(rollout_batch_size, mini_batch_size)`` in prompts, for a dataloader whose full batches hold
+        ``loader_batch_size`` prompts. A shorter batch (an epoch's last) still trains: its last mini-batch is short."""
         rollout = self.rollout_batch_size or loader_batch_size
         mini = self.mini_batch_size or rollout
         if rollout % mini:
