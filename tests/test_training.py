@@ -339,6 +339,8 @@ def test_completion_mask_stops_after_the_first_eos():
     [
         (lambda: RolloutSettings(num_generations=1), "num_generations must be >= 2"),
         (lambda: RolloutSettings(temperature=0.0), "temperature must be > 0"),
+        (lambda: RolloutSettings(top_p=0.9), "truncated distribution"),
+        (lambda: RolloutSettings(top_k=50), "truncated distribution"),
         (lambda: OptimizationSettings(rollout_batch_size=6, mini_batch_size=4), "must divide rollout_batch_size=6"),
         (lambda: OptimizationSettings(micro_batch_size=0), "micro_batch_size must be >= 1"),
         (lambda: OptimizationSettings(mini_batch_size=3).batch_sizes(8), "mini_batch_size=3 must divide the rollout batch of 8"),
@@ -358,6 +360,25 @@ def test_impossible_settings_fail_before_data_or_model(tmp_path):
     with pytest.raises(ValueError, match="num_generations must be >= 2"):
         run_cli(["fit", *fit_args(tmp_path, "tiny:llava", "--model.rollout.num_generations", "1")])
     assert not (tmp_path / "entropy").exists()  # the visual-entropy precompute never started
+
+
+def test_bf16_mixed_trains_the_adapter_in_float32_and_16_bit_training_is_refused(tmp_path):
+    args = ["--trainer.max_steps", "3", "--trainer.limit_val_batches", "0", "--model.optimization.learning_rate", "1e-6",
+            "--model.reward.functions", "[tests.test_training:length_reward]"]
+    cli = run_cli(["fit", *fit_args(tmp_path / "mixed", "tiny:llava", *args, "--trainer.precision", "bf16-mixed",
+                                    "--model.dtype", "bfloat16", "--trainer.callbacks+=tests.test_training.SnapshotAtTrainStart")])
+    weights, before = cli.model.model.state_dict(), callback(cli.trainer, SnapshotAtTrainStart).weights
+    lora_a = [k for k in weights if "lora_A" in k]
+    assert all(weights[k].dtype == torch.float32 for k in weights if "lora_" in k)
+    assert weights[next(k for k in weights if k.endswith("q_proj.base_layer.weight"))].dtype == torch.bfloat16
+    changed = sum(int((weights[k] != before[k]).sum()) for k in lora_a)
+    assert changed > 0.9 * sum(weights[k].numel() for k in lora_a)  # in bf16 only ~0.2% of the entries moved
+    for precision, dtype, message in (("bf16-true", "float32", "torch.bfloat16 .*bf16-mixed"),
+                                      ("32-true", "bfloat16", "torch.bfloat16 .*without LoRA")):
+        extra = ["--model.lora.enabled", "false"] if precision == "32-true" else []
+        with pytest.raises(ValueError, match=message):
+            run_cli(["fit", *fit_args(tmp_path / precision, "tiny:llava", *args, *extra, "--trainer.precision", precision,
+                                      "--model.dtype", dtype)])
 
 
 def test_unknown_config_key_is_rejected_by_the_cli(tmp_path, capsys):

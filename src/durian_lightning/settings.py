@@ -68,8 +68,9 @@ class RolloutSettings:
         num_generations: G, rollouts per prompt (>= 2: advantages compare the rollouts of a prompt).
         max_new_tokens: completion length limit.
         temperature: sampling temperature (the log-probs use the same one).
-        top_p: nucleus sampling threshold (1.0 = off).
-        top_k: top-k sampling (0 = off).
+        top_p: nucleus sampling threshold; must stay 1.0 (off) for training, see below.
+        top_k: top-k sampling; must stay 0 (off) for training: truncated sampling draws from a distribution the
+            log-probs (importance ratio, KL, confidence) do not describe. evaluation.top_p / top_k truncate evaluation.
         max_prompt_length: a prompt longer than this many tokens (images included) is an error naming the sample.
     """
 
@@ -88,6 +89,12 @@ class RolloutSettings:
         _at_least("max_new_tokens", self.max_new_tokens, 1)
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.top_p < 1.0 or self.top_k > 0:
+            raise ValueError(
+                f"rollout.top_p={self.top_p} / rollout.top_k={self.top_k} would sample training rollouts from a truncated "
+                "distribution while their log-probs (the PPO ratio, the KL, the confidence) are over the full "
+                "vocabulary; train with top_p 1.0 and top_k 0 (evaluation.top_p / evaluation.top_k truncate evaluation)"
+            )
 
     def sampling(self) -> SamplingConfig:
         return SamplingConfig(self.max_new_tokens, self.temperature, self.top_p, self.top_k, do_sample=True)
@@ -100,14 +107,18 @@ class EvaluationSettings:
     Args:
         max_new_tokens: completion length (default: the rollouts').
         do_sample: sample at the rollout temperature instead of greedy decoding.
+        top_p: nucleus sampling threshold when sampling (1.0 = off).
+        top_k: top-k sampling when sampling (0 = off).
     """
 
     max_new_tokens: int | None = None
     do_sample: bool = False
+    top_p: float = 1.0
+    top_k: int = 0
 
     def sampling(self, rollout: RolloutSettings) -> SamplingConfig:
-        return SamplingConfig(self.max_new_tokens or rollout.max_new_tokens, rollout.temperature, rollout.top_p,
-                              rollout.top_k, do_sample=self.do_sample)
+        return SamplingConfig(self.max_new_tokens or rollout.max_new_tokens, rollout.temperature, self.top_p,
+                              self.top_k, do_sample=self.do_sample)
 
 
 @dataclass(frozen=True)
