@@ -133,3 +133,22 @@ def test_ddp_with_dynamic_sampling_updates_every_rank_at_the_same_step(tmp_path)
         assert [r["waiting"] for r in ranks] == [0, 0]
         assert ranks[0]["global_advantages"] == ranks[1]["global_advantages"]
         assert ranks[0]["lora_sums"] == ranks[1]["lora_sums"]
+
+
+def test_ddp_resume_reproduces_the_uninterrupted_run_on_every_rank(tmp_path):
+    # each rank samples its rollouts from its own generator: a checkpoint must hold every rank's, not rank 0's
+    common = ["--trainer.max_steps", "3", "--trainer.limit_val_batches", "0", "--seed_everything", "5",
+              "--model.reward.functions", "[tests.test_training:length_reward]"]
+    fit_on_two_ranks(tmp_path / "straight", *common, "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+                     "--trainer.callbacks.every_n_train_steps=2", "--trainer.callbacks.save_top_k=-1",
+                     f"--trainer.callbacks.dirpath={tmp_path / 'ckpt'}")
+    checkpoint = tmp_path / "ckpt" / "epoch=0-step=2.ckpt"
+    assert len(torch.load(checkpoint, weights_only=False)["durian_rng"]) == 2  # one generator state per rank
+    fit_on_two_ranks(tmp_path / "resumed", *common, "--ckpt_path", str(checkpoint))
+    from safetensors.torch import load_file
+
+    adapters = [load_file(tmp_path / run / "lightning_logs" / "version_0" / "adapter" / "adapter_model.safetensors")
+                for run in ("straight", "resumed")]
+    assert adapters[0].keys() == adapters[1].keys()
+    for key in adapters[0]:
+        torch.testing.assert_close(adapters[0][key], adapters[1][key], rtol=0, atol=0, msg=key)

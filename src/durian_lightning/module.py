@@ -23,7 +23,7 @@ import torchmetrics
 
 from ._distributed import all_gather_records, average_gradients, min_over_ranks, require_ddp
 from .advantages import AdvantageSettings, get_estimator
-from .checkpointing import restore_rng_state, rng_state, trainable_state
+from .checkpointing import restore_rng_state, rng_states, seed_rank, trainable_state
 from .dynamic_sampling import PromptBuffer
 from .answer_prior import answer_prior_accuracy, most_frequent_answers
 from .evaluation import BREAKDOWNS, METRIC_NAMES, accuracy_by, metric_updates, prediction_rows, sample_records
@@ -297,10 +297,14 @@ class DurianGRPO(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["state_dict"] = trainable_state(checkpoint["state_dict"], self.model)
-        checkpoint["durian_rng"] = rng_state()
+        checkpoint["durian_rng"] = rng_states(self._trainer)
+
+    def on_fit_start(self) -> None:
+        if self.trainer.ckpt_path is None:  # a resumed run continues each rank's restored stream
+            seed_rank(self.trainer)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        restore_rng_state(checkpoint.get("durian_rng"))
+        restore_rng_state(checkpoint.get("durian_rng"), self.global_rank)
 
     def on_fit_end(self) -> None:
         if not self.lora.enabled:
