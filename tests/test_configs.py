@@ -81,3 +81,16 @@ def test_a_preset_named_on_the_command_line_sets_its_own_values(capsys, args, kl
     loss = LossSettings(**printed["model"]["loss"]).resolve(printed["model"]["rollout"]["max_new_tokens"])
     assert loss.kl_coef == kl_coef
     assert printed["model"]["rollout"]["num_generations"] == 8  # the rest of default.yaml still applies
+
+
+def test_metrics_csv_is_written_whatever_logger_packages_are_installed(tmp_path):
+    # Lightning's own default switches to TensorBoard *instead of* CSV when tensorboard is importable
+    import importlib.util
+
+    from durian_lightning.cli import default_loggers
+
+    loggers = default_loggers(str(tmp_path))
+    assert type(loggers[0]).__name__ == "CSVLogger"  # first: the trainer's log_dir is its folder
+    has_tensorboard = any(importlib.util.find_spec(n) for n in ("tensorboard", "tensorboardX"))
+    assert [type(x).__name__ for x in loggers[1:]] == (["TensorBoardLogger"] if has_tensorboard else [])
+    assert all(x.version == loggers[0].version for x in loggers)

@@ -175,6 +175,30 @@ def test_left_padded_rows_get_the_logprobs_they_get_alone(model_name, sampling):
     assert not torch.isin(rollout.completion_ids, torch.tensor(multimodal_token_ids(model))).any()
 
 
+def test_rollouts_in_chunks_are_the_rollouts_of_one_call():
+    from PIL import Image
+
+    from durian_lightning.models import resolve_model_path
+
+    model, processor = load_policy(resolve_model_path("tiny:llava"), use_lora=False)
+    prompt = one_image_prompt(processor)
+    images = [[Image.new("RGB", (64, 64), c)] for c in ("red", "blue", "green")]
+    greedy = SamplingConfig(max_new_tokens=8, do_sample=False)
+    whole = generate_rollouts(model, processor, [prompt] * 3, images, 2, greedy)
+    calls = []
+    generate = model.generate
+    model.generate = lambda **kw: calls.append(kw["input_ids"].shape[0]) or generate(**kw)
+    chunked = generate_rollouts(model, processor, [prompt] * 3, images, 2, greedy, max_sequences_per_call=4)
+    assert calls == [4, 2]  # 6 rows, at most 4 per call
+    assert chunked.completions == whole.completions and chunked.images == whole.images
+    mask = chunked.completion_mask.bool()
+    torch.testing.assert_close(chunked.sampled_logprobs[mask], whole.sampled_logprobs[whole.completion_mask.bool()],
+                               atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        forward = completion_logprobs(model, processor, chunked, range(6))
+    torch.testing.assert_close(chunked.sampled_logprobs[mask], forward[mask], atol=1e-4, rtol=1e-4)
+
+
 def test_the_checkpoint_generation_config_does_not_reshape_sampling():
     # real checkpoints ship sampling defaults (Qwen2.5-VL-Instruct: repetition_penalty 1.05, top_k 1, ...); rollouts
     # must still come from softmax(logits / T), the distribution the loss's log-probs are computed under
@@ -341,6 +365,7 @@ def test_completion_mask_stops_after_the_first_eos():
         (lambda: RolloutSettings(temperature=0.0), "temperature must be > 0"),
         (lambda: RolloutSettings(top_p=0.9), "truncated distribution"),
         (lambda: RolloutSettings(top_k=50), "truncated distribution"),
+        (lambda: RolloutSettings(max_sequences_per_generate=0), "max_sequences_per_generate must be >= 1"),
         (lambda: OptimizationSettings(rollout_batch_size=6, mini_batch_size=4), "must divide rollout_batch_size=6"),
         (lambda: OptimizationSettings(micro_batch_size=0), "micro_batch_size must be >= 1"),
         (lambda: OptimizationSettings(mini_batch_size=3).batch_sizes(8), "mini_batch_size=3 must divide the rollout batch of 8"),

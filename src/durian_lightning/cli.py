@@ -8,6 +8,7 @@ linked to the module's, so the entropy encoder is always the policy's own.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import sys
 import warnings
@@ -32,9 +33,28 @@ def default_callbacks() -> list:
     return [DifficultyStatsCallback(), CompletionSamplesCallback(), ErrorVsDifficultyCallback()]
 
 
+def default_loggers(save_dir: str) -> list:
+    """metrics.csv always (the file the README and the tests read), TensorBoard beside it when it is installed.
+
+    Lightning's own default is TensorBoard *instead of* CSV whenever tensorboard is importable, so installing it
+    would silently stop metrics.csv from being written."""
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    loggers = [CSVLogger(save_dir)]
+    if any(importlib.util.find_spec(name) for name in ("tensorboard", "tensorboardX")):
+        loggers.append(TensorBoardLogger(save_dir, version=loggers[0].version))
+    return loggers
+
+
 class DurianCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.model_name_or_path", "data.model_name_or_path")
+
+    def instantiate_trainer(self, **kwargs):
+        config = self._get(self.config_init, "trainer", default={})
+        if config.get("logger") in (None, True):  # not chosen: see default_loggers
+            kwargs.setdefault("logger", default_loggers(config.get("default_root_dir") or os.getcwd()))
+        return super().instantiate_trainer(**kwargs)
 
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "default.yaml"  # the checkout's (editable install)

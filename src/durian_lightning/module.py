@@ -145,7 +145,8 @@ class DurianGRPO(L.LightningModule):
         with self._timed("generate"):
             generated = generate_rollouts(self.model, self.processor, batch["prompt"], batch["images"],
                                           self.rollout.num_generations, self.rollout.sampling(),
-                                          self.rollout.max_prompt_length, batch["id"])
+                                          self.rollout.max_prompt_length, batch["id"],
+                                          self.rollout.max_sequences_per_generate)
         with self._timed("reward"):
             scored = score_rollouts(generated, batch, self.reward, self.rollout.num_generations,
                                     self.advantages.confidence_reduction, self.device)
@@ -267,7 +268,8 @@ class DurianGRPO(L.LightningModule):
     def _generate_once(self, batch: dict[str, Any]) -> ScoredRollouts:
         """One completion per prompt (greedy unless ``evaluation.do_sample``), scored."""
         generated = generate_rollouts(self.model, self.processor, batch["prompt"], batch["images"], 1,
-                                      self.evaluation.sampling(self.rollout), self.rollout.max_prompt_length, batch["id"])
+                                      self.evaluation.sampling(self.rollout), self.rollout.max_prompt_length, batch["id"],
+                                      self.rollout.max_sequences_per_generate)
         return score_rollouts(generated, batch, self.reward, 1, self.advantages.confidence_reduction, self.device)
 
     def _evaluate(self, batch: dict[str, Any], stage: str) -> None:

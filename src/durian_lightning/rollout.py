@@ -170,11 +170,27 @@ def generate_rollouts(
     sampling: SamplingConfig,
     max_prompt_length: int | None = None,
     ids: Sequence[str] | None = None,
+    max_sequences_per_call: int | None = None,
 ) -> Rollout:
-    """One batched ``generate`` call for ``num_generations`` completions of every prompt."""
+    """``num_generations`` completions of every prompt, G consecutive rows per prompt.
+
+    ``max_sequences_per_call`` bounds how many rows one ``generate`` call holds (its KV cache grows with rows x
+    tokens); by default all rows go in one call.
+    """
     rows_prompts = [p for p in prompts for _ in range(num_generations)]
     rows_images = [list(im) for im in images for _ in range(num_generations)]
     rows_ids = [i for i in ids for _ in range(num_generations)] if ids is not None else None
+    step = max_sequences_per_call or len(rows_prompts) or 1
+    parts = [
+        _generate(model, processor, rows_prompts[first : first + step], rows_images[first : first + step], sampling,
+                  max_prompt_length, None if rows_ids is None else rows_ids[first : first + step])
+        for first in range(0, len(rows_prompts), step)
+    ]
+    return parts[0] if len(parts) == 1 else Rollout.concat(parts)
+
+
+def _generate(model, processor, rows_prompts, rows_images, sampling: SamplingConfig, max_prompt_length, rows_ids) -> Rollout:
+    """One batched ``generate`` call over these rows."""
     encoded = encode_prompts(processor, rows_prompts, rows_images, max_prompt_length, rows_ids)
     device = next(model.parameters()).device
     encoded = encoded.to(device)

@@ -72,6 +72,8 @@ class RolloutSettings:
         top_k: top-k sampling; must stay 0 (off) for training: truncated sampling draws from a distribution the
             log-probs (importance ratio, KL, confidence) do not describe. evaluation.top_p / top_k truncate evaluation.
         max_prompt_length: a prompt longer than this many tokens (images included) is an error naming the sample.
+        max_sequences_per_generate: the most rows (prompts x G) one ``generate`` call holds; the KV cache of a call
+            grows with rows x tokens, so this bounds a step's peak memory (default: the whole batch in one call).
     """
 
     num_generations: int = 8
@@ -80,8 +82,11 @@ class RolloutSettings:
     top_p: float = 1.0
     top_k: int = 0
     max_prompt_length: int = 2048
+    max_sequences_per_generate: int | None = None
 
     def __post_init__(self) -> None:
+        if self.max_sequences_per_generate is not None:
+            _at_least("max_sequences_per_generate", self.max_sequences_per_generate, 1)
         if self.num_generations < 2:
             raise ValueError(
                 f"num_generations must be >= 2 (advantages compare rollouts of a prompt), got {self.num_generations}"
