@@ -27,7 +27,8 @@ def scored(ids, rewards, width, old=False):
         completions=[f"{i}/{k}" for i in ids for k in range(G)], sampled_logprobs=-values.float(),
     )
     return ScoredRollouts(
-        rollout=rollout, num_generations=G, ids=list(ids), visual_entropy=torch.arange(len(ids)).float(),
+        rollout=rollout, num_generations=G, ids=list(ids), problems=[f"problem {i}" for i in ids],
+        answers=[f"answer {i}" for i in ids], visual_entropy=torch.arange(len(ids)).float(),
         confidence=-torch.arange(len(ids)).float(), rewards=torch.tensor(rewards, dtype=torch.float32),
         reward_components={"accuracy": torch.tensor(rewards, dtype=torch.float32)},
         old_logprobs=-values.float() / 10 if old else None,
@@ -39,10 +40,12 @@ def test_select_and_concat_prompts():
     b = scored(["b0"], [0, 1], width=4, old=True)
     picked = a.select_prompts([2, 0])
     assert picked.ids == ["a2", "a0"] and picked.rewards.tolist() == [0, 1, 1, 0]
+    assert picked.problems == ["problem a2", "problem a0"] and picked.answers == ["answer a2", "answer a0"]
     assert picked.rollout.completions == ["a2/0", "a2/1", "a0/0", "a0/1"]
     assert picked.visual_entropy.tolist() == [2, 0] and picked.old_logprobs[:, 0].tolist() == pytest.approx([-0.5, -0.6, -0.1, -0.2])
     joined = ScoredRollouts.concat([picked, b])
     assert joined.ids == ["a2", "a0", "b0"] and joined.num_prompts == 3
+    assert joined.answers == ["answer a2", "answer a0", "answer b0"]
     assert joined.prompt_index.tolist() == [0, 0, 1, 1, 2, 2]
     # a's completions are 2 wide, b's 4: a's rows are right-padded with zeros, masked out
     assert joined.rollout.completion_ids.shape == (6, 4)

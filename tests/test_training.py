@@ -83,9 +83,17 @@ def test_fit_and_validate_through_the_cli(tmp_path, model):
                  "val/accuracy", "error/entropy_group_0"]:
         assert name in columns, name
     assert (Path(trainer.log_dir) / "error_vs_difficulty.png").is_file()
-    assert (Path(trainer.log_dir) / "completions.jsonl").is_file()
+    import json
+
+    answers = {sample.id: sample.answer for sample in cli.datamodule.samples["train"] + cli.datamodule.samples["validation"]}
+    trained = [json.loads(line) for line in open(Path(trainer.log_dir) / "completions.jsonl")]
+    evaluated = [json.loads(line) for line in open(Path(trainer.log_dir) / "val_completions.jsonl")]
+    assert trained and len(evaluated) == 4 and {e["step"] for e in evaluated} == {2}
+    for row in trained + evaluated:  # readable alone: the question and the gold answer beside the completion
+        assert row["answer"] == answers[row["id"]] and row["problem"] and "completion" in row
     adapter = Path(trainer.log_dir) / "adapter"
     assert (adapter / "adapter_config.json").is_file()
+    assert Path(json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]).is_absolute()
 
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText
@@ -536,6 +544,10 @@ def test_predict_and_test_subcommands(tmp_path):
         sum(r["correct"] for r in tested.model.eval_records) / 4)
     predicted = run_cli(["predict", *fit_args(tmp_path / "p", "tiny:llava", "--trainer.limit_predict_batches", "1")])
     (rows,) = predicted.trainer.predict_loop.predictions
+    import json
+
+    written = [json.loads(line) for line in open(Path(predicted.trainer.log_dir) / "predictions.jsonl")]
+    assert written == rows
     test_samples = predicted.datamodule.samples["test"]
     assert [r["id"] for r in rows] == [s.id for s in test_samples[:4]]  # the first batch of the test split, in order
     assert [r["answer"] for r in rows] == [s.answer for s in test_samples[:4]]

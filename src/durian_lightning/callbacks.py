@@ -88,20 +88,20 @@ class CompletionSamplesCallback(L.Callback):
         if not trainer.is_global_zero:
             return
         path = folder / self.filename
-        path.parent.mkdir(parents=True, exist_ok=True)
         local, g = record.local, record.local.num_generations
         samples = [
             {
                 "step": trainer.global_step,
                 "id": local.ids[row // g],
+                "problem": local.problems[row // g],
+                "answer": local.answers[row // g],
                 "completion": local.rollout.completions[row],
                 "reward": float(local.rewards[row]),
                 "advantage": float(record.local_advantages[row]),
             }
             for row in range(min(self.num_samples, len(local.rollout)))
         ]
-        with open(path, "a") as f:
-            f.writelines(json.dumps(sample) + "\n" for sample in samples)
+        _append_jsonl(path, samples)
         _log_text(trainer.logger, "completions", samples, trainer.global_step)
 
 
@@ -175,3 +175,31 @@ class ErrorVsDifficultyCallback(L.Callback):
             folder.mkdir(parents=True, exist_ok=True)
             title = f"error rate by entropy group (H0 simple .. H2 complex) and confidence decile (c0 least) - step {trainer.global_step}"
             draw_bar_chart(stats, folder / self.filename, title)
+
+
+def _append_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+
+
+class EvaluationCompletionsCallback(L.Callback):
+    """Every evaluation completion, to read beside its question and gold answer: ``val_completions.jsonl`` and
+    ``test_completions.jsonl`` (one line per sample and validation run, with the step), and ``predictions.jsonl``
+    for ``durian predict`` (one file per rank when several predict)."""
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        self._write(trainer, pl_module, "val")
+
+    def on_test_epoch_end(self, trainer, pl_module) -> None:
+        self._write(trainer, pl_module, "test")
+
+    def _write(self, trainer, pl_module, stage: str) -> None:
+        records = all_gather_records(trainer, getattr(pl_module, "eval_records", []))  # a collective
+        folder = _log_dir(trainer)  # on every rank: Trainer.log_dir is a collective
+        if trainer.is_global_zero and records:
+            _append_jsonl(folder / f"{stage}_completions.jsonl", [{"step": trainer.global_step, **r} for r in records])
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        name = "predictions.jsonl" if trainer.world_size == 1 else f"predictions-rank{trainer.global_rank}.jsonl"
+        _append_jsonl(_log_dir(trainer) / name, list(outputs))

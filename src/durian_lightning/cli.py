@@ -15,7 +15,12 @@ import warnings
 from pathlib import Path
 from lightning.pytorch.cli import LightningCLI
 
-from .callbacks import CompletionSamplesCallback, DifficultyStatsCallback, ErrorVsDifficultyCallback
+from .callbacks import (
+    CompletionSamplesCallback,
+    DifficultyStatsCallback,
+    ErrorVsDifficultyCallback,
+    EvaluationCompletionsCallback,
+)
 from .data import MultimodalReasoningDataModule
 from .module import DurianGRPO
 from .settings import LossSettings
@@ -30,7 +35,8 @@ TRAINER_DEFAULTS = {
 
 
 def default_callbacks() -> list:
-    return [DifficultyStatsCallback(), CompletionSamplesCallback(), ErrorVsDifficultyCallback()]
+    return [DifficultyStatsCallback(), CompletionSamplesCallback(), ErrorVsDifficultyCallback(),
+            EvaluationCompletionsCallback()]
 
 
 def default_loggers(save_dir: str) -> list:

@@ -35,9 +35,10 @@ def sample_records(scored: ScoredRollouts, batch: dict[str, Any]) -> list[dict[s
     (:data:`BREAKDOWNS`) the batch has."""
     correct = _correct(scored)
     return [
-        {"id": scored.ids[i], "correct": float(correct[i]), "visual_entropy": float(scored.visual_entropy[i]),
-         "confidence": float(scored.confidence[i]), "completion": scored.rollout.completions[i],
-         "answer": batch["answer"][i], **{column: batch[column][i] for column in BREAKDOWNS if column in batch}}
+        {"id": scored.ids[i], "problem": scored.problems[i], "answer": scored.answers[i],
+         "completion": scored.rollout.completions[i], "correct": float(correct[i]),
+         "visual_entropy": float(scored.visual_entropy[i]), "confidence": float(scored.confidence[i]),
+         **{column: batch[column][i] for column in BREAKDOWNS if column in batch}}
         for i in range(scored.num_prompts)
     ]
 
@@ -55,11 +56,11 @@ def accuracy_by(records: Sequence[dict[str, Any]], column: str) -> dict[str, flo
     return {value: sum(values) / len(values) for value, values in sorted(by_value.items())}
 
 
-def prediction_rows(scored: ScoredRollouts, batch: dict[str, Any]) -> list[dict[str, Any]]:
+def prediction_rows(scored: ScoredRollouts) -> list[dict[str, Any]]:
     """What ``durian predict`` returns per sample: the completion, its extracted answer, the gold answer, the reward."""
     completions = scored.rollout.completions
     return [
-        {"id": scored.ids[i], "completion": completions[i], "prediction": extract_answer(completions[i]),
-         "answer": batch["answer"][i], "reward": float(scored.rewards[i])}
+        {"id": scored.ids[i], "problem": scored.problems[i], "completion": completions[i],
+         "prediction": extract_answer(completions[i]), "answer": scored.answers[i], "reward": float(scored.rewards[i])}
         for i in range(scored.num_prompts)
     ]

@@ -244,7 +244,7 @@ class DurianGRPO(L.LightningModule):
         self._evaluate(batch, "test")
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
-        return prediction_rows(self._generate_once(batch), batch)
+        return prediction_rows(self._generate_once(batch))
 
     def on_validation_epoch_start(self) -> None:
         self.eval_records = []
@@ -315,5 +315,8 @@ class DurianGRPO(L.LightningModule):
         if not self.trainer.is_global_zero:
             return
         folder = self.hparams.adapter_dir or str(Path(run_dir) / "adapter")
+        config = self.model.peft_config["default"]
+        if Path(config.base_model_name_or_path).exists():  # a local base (e.g. tiny:*): loadable from any folder
+            config.base_model_name_or_path = str(Path(config.base_model_name_or_path).resolve())
         self.model.save_pretrained(folder)
         self.processor.save_pretrained(folder)

@@ -27,6 +27,8 @@ class ScoredRollouts:
     rollout: Rollout
     num_generations: int
     ids: list[str]  # (P,) sample id per prompt
+    problems: list[str]  # (P,) the question as the data states it
+    answers: list[str]  # (P,) the gold answer
     visual_entropy: torch.Tensor  # (P,) perceptual difficulty
     confidence: torch.Tensor  # (P,) mean sequence log-prob of the prompt's rollouts when they were sampled
     rewards: torch.Tensor  # (N,) weighted total reward per rollout
@@ -66,6 +68,7 @@ class ScoredRollouts:
 
         return replace(
             self, rollout=self.rollout.select(rows), ids=[self.ids[p] for p in prompts],
+            problems=[self.problems[p] for p in prompts], answers=[self.answers[p] for p in prompts],
             visual_entropy=self.visual_entropy[prompts], confidence=self.confidence[prompts], rewards=self.rewards[rows],
             reward_components={name: values[rows] for name, values in self.reward_components.items()},
             old_logprobs=pick(self.old_logprobs), ref_logprobs=pick(self.ref_logprobs),
@@ -84,6 +87,7 @@ class ScoredRollouts:
         first = parts[0]
         return ScoredRollouts(
             rollout=rollout, num_generations=first.num_generations, ids=[i for part in parts for i in part.ids],
+            problems=[q for part in parts for q in part.problems], answers=[a for part in parts for a in part.answers],
             visual_entropy=torch.cat([part.visual_entropy for part in parts]),
             confidence=torch.cat([part.confidence for part in parts]),
             rewards=torch.cat([part.rewards for part in parts]),
@@ -119,7 +123,8 @@ def score_rollouts(
     confidence = sequence_confidence(rollout.sampled_logprobs.to(device), rollout.completion_mask.to(device),
                                      prompt_index, confidence_reduction, num_prompts)
     return ScoredRollouts(
-        rollout=rollout, num_generations=g, ids=list(batch["id"]),
+        rollout=rollout, num_generations=g, ids=list(batch["id"]), problems=list(batch["problem"]),
+        answers=list(batch["answer"]),
         visual_entropy=batch["visual_entropy"].to(device), confidence=confidence, rewards=scores.total.to(device),
         reward_components={name: values.to(device) for name, values in scores.components.items()},
     )
