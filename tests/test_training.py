@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from durian_lightning.cli import run_cli
-from durian_lightning.losses import aggregate_loss, aggregation_denominator, aggregation_numerator
 from durian_lightning.models import load_policy
 from durian_lightning.advantages import ESTIMATORS
 from durian_lightning.module import DurianGRPO
