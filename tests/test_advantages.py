@@ -258,7 +258,8 @@ def test_bad_input_raises_a_clear_error(rewards, prompt, kwargs, message):
     [
         ({"visual_entropy": torch.ones(2)}, "visual_entropy must have 3 entries"),
         ({"confidence": torch.tensor([0.0, float("nan"), 1.0])}, r"confidence\[1\] = nan"),
-        ({"alphas": (0.5, -0.1, 0.6)}, "alphas must be >= 0"),
+        ({"alphas": (0.5, -0.1, 0.6)}, "alphas must be finite and >= 0"),
+        ({"alphas": (math.inf, 0.2, 0.7)}, "alphas must be finite and >= 0"),
         ({"alphas": (0.0, 0.0, 0.0)}, "must not all be 0"),
         ({"alphas": (0.0, 1.0, 0.0)}, "put all weight on terms whose scores were not given"),
         ({"alphas": (0.5, 0.5)}, r"alphas must be \(alpha_ori"),

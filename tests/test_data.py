@@ -70,6 +70,32 @@ def test_a_rows_own_id_column_is_its_sample_id_everywhere(tmp_path):
     assert sorted(batch["id"]) == ["q-0", "q-1", "train-2"]  # the batch carries the same ids as the samples
 
 
+def test_a_row_without_an_optional_column_gets_none_in_every_batch(tmp_path):
+    rows = [{"images": [png(tmp_path / f"{i}.png", seed=i)], "problem": "p", "answer": "1", "clutter": i} for i in range(6)]
+    del rows[3]["clutter"]
+    rows[4]["clutter"] = None
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    for seed in range(4):  # whichever rows share a batch with it
+        dm = datamodule(tmp_path, tmp_path / "c", batch_size=3, shuffle_seed=seed)
+        dm.setup()
+        seen = {}
+        for batch in dm.train_dataloader():
+            seen.update(zip(batch["id"], batch["clutter"]))
+        assert seen == {f"train-{i}": (None if i in (3, 4) else i) for i in range(6)}
+
+
+def test_an_empty_split_after_skipping_is_an_error(tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", [{"images": ["missing.png"], "problem": "p", "answer": "1"}])
+    with pytest.raises(ValueError, match=r"no usable rows left in split\(s\) \['train'\].*skipped 1 bad row"):
+        datamodule(tmp_path, tmp_path / "c", bad_rows="skip").setup()
+
+
+@pytest.mark.parametrize("name", ["batch_size", "eval_batch_size", "entropy_batch_size"])
+def test_batch_sizes_are_checked_when_the_datamodule_is_built(tmp_path, name):
+    with pytest.raises(ValueError, match=f"data.{name} must be >= 1, got 0"):
+        datamodule(tmp_path, tmp_path / "c", **{name: 0})
+
+
 def test_json_parquet_and_bytes_sources_with_column_mapping(tmp_path):
     img = tmp_path / "a.png"
     png(img, seed=3)

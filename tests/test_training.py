@@ -375,6 +375,15 @@ def test_completion_mask_stops_after_the_first_eos():
         (lambda: RolloutSettings(max_sequences_per_generate=0), "max_sequences_per_generate must be >= 1"),
         (lambda: OptimizationSettings(rollout_batch_size=6, mini_batch_size=4), "must divide rollout_batch_size=6"),
         (lambda: OptimizationSettings(micro_batch_size=0), "micro_batch_size must be >= 1"),
+        (lambda: OptimizationSettings(learning_rate=-1e-5), "learning_rate must be a finite number > 0"),
+        (lambda: OptimizationSettings(max_grad_norm=float("inf")), "max_grad_norm must be a finite number > 0"),
+        (lambda: OptimizationSettings(mini_batch_size=0), "mini_batch_size must be >= 1"),
+        (lambda: OptimizationSettings(warmup_steps=-1), "warmup_steps must be >= 0"),
+        (lambda: AdvantageSettings(alphas=(0.1, -0.2, 0.7)), "alphas must be finite and >= 0"),
+        (lambda: AdvantageSettings(alphas=(float("inf"), 0.2, 0.7)), "alphas must be finite and >= 0"),
+        (lambda: AdvantageSettings(num_reasoning_groups=0), "num_reasoning_groups must be >= 1"),
+        (lambda: AdvantageSettings(percentiles=(0.75, 0.25)), "percentiles must satisfy"),
+        (lambda: AdvantageSettings(eps=0.0), "eps must be > 0"),
         (lambda: OptimizationSettings(mini_batch_size=3).batch_sizes(8), "mini_batch_size=3 must divide the rollout batch of 8"),
         (lambda: DurianGRPO(advantages=AdvantageSettings(estimator="ppo")), "unknown estimator 'ppo'"),
         (lambda: DurianGRPO(reward=RewardSettings(functions=["no_such_module:fn"])), "cannot import module"),
@@ -431,7 +440,8 @@ def test_a_broken_reward_function_stops_the_step_with_its_name(tmp_path, monkeyp
     module = types.ModuleType("broken_rewards")
     module.nan_reward = lambda completions, answers, **kw: [float("nan")] * len(completions)
     monkeypatch.setitem(sys.modules, "broken_rewards", module)
-    with pytest.raises(ValueError, match="reward function 'broken_rewards:nan_reward' returned nan for completion 0"):
+    with pytest.raises(ValueError, match=r"reward function 'broken_rewards:nan_reward' returned nan for completion 0 of "
+                                         r"sample 'train-\d+' \('.*'\); expected a finite number"):
         run_cli(["fit", *fit_args(tmp_path, "tiny:llava", "--model.reward.functions", "[broken_rewards:nan_reward]",
                                   "--trainer.max_steps", "1")])
 

@@ -33,13 +33,14 @@ docs/method.md.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Literal, Sequence
 
 import torch
 
 from ._validation import check_finite, check_prompt_index, check_vector
-from .difficulty import perceptual_groups, reasoning_groups
+from .difficulty import _check_percentiles, perceptual_groups, reasoning_groups
 
 DEFAULT_EPS = 1e-6
 
@@ -150,8 +151,8 @@ def effective_alphas(
     if len(alphas) != 3:
         raise ValueError(f"alphas must be (alpha_ori, alpha_percep, alpha_reason), got {tuple(alphas)}")
     a = [float(x) for x in alphas]
-    if any(x < 0 or x != x for x in a):
-        raise ValueError(f"alphas must be >= 0, got {tuple(a)}")
+    if any(not (0 <= x < math.inf) for x in a):
+        raise ValueError(f"alphas must be finite and >= 0, got {tuple(a)}")
     total = sum(a)
     if not total > 0:
         raise ValueError(f"alphas must not all be 0, got {tuple(a)}")
@@ -252,6 +253,13 @@ class AdvantageSettings:
     confidence_reduction: Literal["sum", "mean"] = "sum"
     entropy_thresholds: Literal["batch", "dataset"] = "batch"
     eps: float = DEFAULT_EPS
+
+    def __post_init__(self) -> None:  # what can be checked without data fails before any is loaded
+        effective_alphas(self.alphas, True, True)
+        _check_percentiles(self.percentiles)
+        if self.num_reasoning_groups < 1:
+            raise ValueError(f"num_reasoning_groups must be >= 1, got {self.num_reasoning_groups}")
+        _check_eps(self.eps)
 
 
 Estimator = Callable[[torch.Tensor, torch.Tensor, DifficultyScores, AdvantageSettings], Advantages]

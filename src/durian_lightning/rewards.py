@@ -266,7 +266,10 @@ class WeightedReward:
         """The paper's ``0.1 * format + 0.9 * accuracy``."""
         return cls([("format", format_reward, format_weight), ("accuracy", accuracy_reward, accuracy_weight)])
 
-    def __call__(self, completions: Sequence[str], answers: Sequence[str], **row_fields) -> RewardScores:
+    def __call__(
+        self, completions: Sequence[str], answers: Sequence[str], sample_ids: Sequence[str] | None = None, **row_fields
+    ) -> RewardScores:
+        """``sample_ids`` (one per completion) only name the sample in error messages."""
         n = len(completions)
         if len(answers) != n:
             raise ValueError(f"got {n} completions but {len(answers)} answers")
@@ -276,13 +279,17 @@ class WeightedReward:
         total = torch.zeros(n, dtype=torch.float32)
         components = {}
         for term in self.terms:
-            scores = self._run(term, list(completions), list(answers), row_fields)
+            scores = self._run(term, list(completions), list(answers), row_fields, sample_ids)
             components[term.name] = scores
             total += term.weight * scores
         return RewardScores(total=total, components=components)
 
     @staticmethod
-    def _run(term: RewardTerm, completions: list[str], answers: list[str], row_fields: dict) -> torch.Tensor:
+    def _run(term: RewardTerm, completions: list[str], answers: list[str], row_fields: dict, sample_ids=None) -> torch.Tensor:
+        def which(i: int) -> str:
+            sample = f" of sample {sample_ids[i]!r}" if sample_ids is not None else ""
+            return f"completion {i}{sample} ({completions[i][:80]!r})"
+
         try:
             raw = term.function(completions, answers, **row_fields)
         except Exception as error:
@@ -300,8 +307,8 @@ class WeightedReward:
             try:
                 value = float(value)
             except (TypeError, ValueError):
-                raise ValueError(f"reward function {term.name!r} returned {value!r} for completion {i}; expected a number") from None
+                raise ValueError(f"reward function {term.name!r} returned {value!r} for {which(i)}; expected a number") from None
             if not math.isfinite(value):
-                raise ValueError(f"reward function {term.name!r} returned {value} for completion {i}; expected a finite number")
+                raise ValueError(f"reward function {term.name!r} returned {value} for {which(i)}; expected a finite number")
             values.append(value)
         return torch.tensor(values, dtype=torch.float32)

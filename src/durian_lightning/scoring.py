@@ -117,7 +117,8 @@ def score_rollouts(
         return [v for v in values for _ in range(g)]
 
     fields = {key: per_row(values) for key, values in batch.items() if key not in _NOT_REWARD_FIELDS}
-    scores = reward(rollout.completions, per_row(batch["answer"]), problem=per_row(batch["problem"]), **fields)
+    scores = reward(rollout.completions, per_row(batch["answer"]), sample_ids=per_row(batch["id"]),
+                    problem=per_row(batch["problem"]), **fields)
     num_prompts = len(batch["id"])
     prompt_index = torch.arange(num_prompts, device=device).repeat_interleave(g)
     confidence = sequence_confidence(rollout.sampled_logprobs.to(device), rollout.completion_mask.to(device),

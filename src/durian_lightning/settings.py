@@ -7,6 +7,7 @@ Plain dataclasses: importable without Lightning or a model.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -220,6 +221,14 @@ class OptimizationSettings:
     def __post_init__(self) -> None:
         for name in ("micro_batch_size", "ppo_epochs"):
             _at_least(name, getattr(self, name), 1)
+        for name in ("weight_decay", "warmup_steps"):
+            _at_least(name, getattr(self, name), 0)
+        for name in ("learning_rate", "max_grad_norm"):
+            if not 0 < getattr(self, name) < math.inf:
+                raise ValueError(f"{name} must be a finite number > 0, got {getattr(self, name)}")
+        for name in ("rollout_batch_size", "mini_batch_size"):
+            if getattr(self, name) is not None:
+                _at_least(name, getattr(self, name), 1)
         if self.rollout_batch_size is not None and self.mini_batch_size is not None and self.rollout_batch_size % self.mini_batch_size:
             raise ValueError(f"mini_batch_size={self.mini_batch_size} must divide rollout_batch_size={self.rollout_batch_size}")
 

@@ -76,8 +76,10 @@ class ReasoningDataset(Dataset):
 
 
 def collate_reasoning_batch(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """Lists per key; ``visual_entropy`` as a float32 tensor."""
-    batch = {key: [item[key] for item in items] for key in items[0]}
+    """Lists per key; ``visual_entropy`` as a float32 tensor. A column some rows lack (an optional one, or null in
+    parquet) is None for those rows, so a batch never depends on which rows it happens to hold."""
+    keys = list(dict.fromkeys(key for item in items for key in item))
+    batch = {key: [item.get(key) for item in items] for key in keys}
     batch["visual_entropy"] = torch.tensor(batch["visual_entropy"], dtype=torch.float32)
     return batch
 
@@ -146,6 +148,10 @@ class MultimodalReasoningDataModule(L.LightningDataModule):
         for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {value}")
+        for name, value in (("batch_size", batch_size), ("eval_batch_size", 1 if eval_batch_size is None else eval_batch_size),
+                            ("entropy_batch_size", entropy_batch_size)):
+            if value < 1:
+                raise ValueError(f"data.{name} must be >= 1, got {value}")
         self.save_hyperparameters()
         self.source = source
         self.model_name_or_path = resolve_model_path(model_name_or_path) if model_name_or_path else None
@@ -166,6 +172,9 @@ class MultimodalReasoningDataModule(L.LightningDataModule):
         if self.skipped_rows:
             shown = "; ".join(self.skipped_rows[:10]) + (" ..." if len(self.skipped_rows) > 10 else "")
             message = f"skipped {len(self.skipped_rows)} bad row(s): {shown}"
+            empty = [split for split, rows in samples.items() if not rows]
+            if empty:  # nothing would train or evaluate there, and the run would still end "successfully"
+                raise ValueError(f"no usable rows left in split(s) {empty} of {self.source}: {message}")
             warnings.warn(message, stacklevel=2)
             log.warning(message)
         return samples
