@@ -70,3 +70,18 @@ class DumpGradientCallback(L.Callback):
             "weights": {name: p.detach().clone() for name, p in named},
             "grads": {name: p.grad.clone() for name, p in named},
         }, self.folder / f"rank{trainer.global_rank}-gradient-step{trainer.global_step}.pt")
+
+
+class SigtermAtStep(L.Callback):
+    """Sends this process SIGTERM after the given optimizer step, as a scheduler's preemption would."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        import os
+        import signal
+
+        if trainer.global_step == self.step and not getattr(self, "sent", False):
+            self.sent = True
+            os.kill(os.getpid(), signal.SIGTERM)

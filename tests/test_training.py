@@ -531,6 +531,25 @@ def test_resuming_from_a_checkpoint_reproduces_the_uninterrupted_run(tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
 
 
+def test_sigterm_checkpoints_the_exact_position_and_exits_non_zero(tmp_path):
+    common = ["--seed_everything", "7", "--model.reward.functions", "[tests.test_training:length_reward]",
+              "--trainer.limit_val_batches", "0", "--trainer.max_steps", "4"]
+    straight = run_cli(["fit", *fit_args(tmp_path / "a", "tiny:llava", *common)])
+    with pytest.raises(SystemExit) as stopped:  # a scheduler's preemption after step 2
+        run_cli(["fit", *fit_args(tmp_path / "b", "tiny:llava", *common, "--trainer.callbacks+=tests.ddp_probe.SigtermAtStep",
+                                  "--trainer.callbacks.step=2")])
+    assert stopped.value.code == 143
+    run = tmp_path / "b" / "lightning_logs" / "version_0"
+    assert (run / "adapter" / "adapter_config.json").is_file()
+    resumed = run_cli(["fit", *fit_args(tmp_path / "c", "tiny:llava", *common),
+                       "--ckpt_path", str(run / "checkpoints" / "last.ckpt")])
+    assert resumed.trainer.global_step == 4
+    a = {k: v for k, v in straight.model.model.state_dict().items() if "lora_" in k}
+    b = {k: v for k, v in resumed.model.model.state_dict().items() if "lora_" in k}
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
 def test_full_fine_tuning_with_a_frozen_reference_copy(tmp_path):
     cli = run_cli(["fit", *fit_args(tmp_path, "tiny:llava", "--model.lora.enabled", "false", "--model.loss.kl_coef", "0.05",
                                     "--model.reward.functions", "[tests.test_training:length_reward]",

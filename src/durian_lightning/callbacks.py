@@ -8,6 +8,7 @@ any module that fills those can use them. Nothing here depends on which advantag
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -203,3 +204,22 @@ class EvaluationCompletionsCallback(L.Callback):
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         name = "predictions.jsonl" if trainer.world_size == 1 else f"predictions-rank{trainer.global_rank}.jsonl"
         _append_jsonl(_log_dir(trainer) / name, list(outputs))
+
+
+class PreemptionCheckpoint(L.Callback):
+    """A scheduler's SIGTERM during fit: Lightning stops after the current batch; this writes ``last.ckpt`` of that
+    exact position (into the checkpoint folder) and the adapter, and makes the process exit with status 143
+    (128 + SIGTERM) instead of 0, so the scheduler sees the run as interrupted. Resume with
+    ``--ckpt_path <that folder>/last.ckpt``. (Ctrl-C stops at once, mid-step, and writes nothing.)"""
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        if not isinstance(exception, SIGTERMException) or trainer.state.fn != "fit":
+            return
+        checkpoint = trainer.checkpoint_callback
+        folder = Path(checkpoint.dirpath) if checkpoint is not None and checkpoint.dirpath else _log_dir(trainer) / "checkpoints"
+        trainer.save_checkpoint(folder / "last.ckpt")  # every rank: the checkpoint's contents are gathered
+        if hasattr(pl_module, "save_adapter"):
+            pl_module.save_adapter()
+        exception.code = 128 + signal.SIGTERM

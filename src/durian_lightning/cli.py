@@ -20,6 +20,7 @@ from .callbacks import (
     DifficultyStatsCallback,
     ErrorVsDifficultyCallback,
     EvaluationCompletionsCallback,
+    PreemptionCheckpoint,
 )
 from .data import MultimodalReasoningDataModule
 from .module import DurianGRPO
@@ -36,7 +37,7 @@ TRAINER_DEFAULTS = {
 
 def default_callbacks() -> list:
     return [DifficultyStatsCallback(), CompletionSamplesCallback(), ErrorVsDifficultyCallback(),
-            EvaluationCompletionsCallback()]
+            EvaluationCompletionsCallback(), PreemptionCheckpoint()]
 
 
 def default_loggers(save_dir: str) -> list:

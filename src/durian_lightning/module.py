@@ -309,9 +309,14 @@ class DurianGRPO(L.LightningModule):
         restore_rng_state(checkpoint.get("durian_rng"), self.global_rank)
 
     def on_fit_end(self) -> None:
+        self.save_adapter()
+
+    def save_adapter(self) -> None:
+        """The LoRA adapter in peft format, to ``adapter_dir`` (default: the run's folder / adapter); every rank calls
+        it (the run's folder is a collective), rank 0 writes."""
         if not self.lora.enabled:
             return
-        run_dir = self.trainer.log_dir or self.trainer.default_root_dir  # on every rank: log_dir is a collective
+        run_dir = self.trainer.log_dir or self.trainer.default_root_dir
         if not self.trainer.is_global_zero:
             return
         folder = self.hparams.adapter_dir or str(Path(run_dir) / "adapter")
