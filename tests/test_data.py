@@ -329,9 +329,21 @@ def test_missing_column_lists_the_columns_that_exist(tmp_path):
         datamodule(tmp_path, tmp_path / "c").setup()
 
 
-def test_invalid_json_line_is_named(tmp_path):
-    (tmp_path / "train.jsonl").write_text('{"images": [], "problem": "p", "answer": "1"}\n{not json\n')
-    with pytest.raises(ValueError, match="line 2 is not valid JSON"):
+def test_malformed_and_undecodable_lines_are_bad_rows_named_by_file_and_line(tmp_path):
+    good = json.dumps({"images": [png(tmp_path / "0.png")], "problem": "p", "answer": "1"}).encode()
+    (tmp_path / "train.jsonl").write_bytes(good + b"\n{not json\n" + good[:-2] + b'\xff"}\n' + b"[1, 2]\n" + good + b"\n")
+    with pytest.raises(ValueError, match=r"train\.jsonl: row 1 \(id train-1\): line 2 is not valid JSON"):
+        datamodule(tmp_path, tmp_path / "c").setup()
+    dm = datamodule(tmp_path, tmp_path / "c", bad_rows="skip")
+    with pytest.warns(UserWarning, match="skipped 3 bad row"):
+        dm.setup()
+    assert [s.id for s in dm.samples["train"]] == ["train-0", "train-4"]  # the good rows keep their numbers
+    assert "line 3 is not UTF-8" in dm.skipped_rows[1] and "line 4 holds a JSON list" in dm.skipped_rows[2]
+
+
+def test_a_json_file_that_is_not_utf8_is_named(tmp_path):
+    (tmp_path / "train.json").write_bytes(b'[{"problem": "\xff"}]')
+    with pytest.raises(ValueError, match=r"train\.json: not UTF-8 \(byte \d+\)"):
         datamodule(tmp_path, tmp_path / "c").setup()
 
 

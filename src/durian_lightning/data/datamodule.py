@@ -25,7 +25,7 @@ from ..prompts import DEFAULT_INSTRUCTION, DEFAULT_SYSTEM_PROMPT, build_messages
 from .entropy_cache import EntropyCache
 from .images import ImageError, content_hash, image_bytes, open_image
 from .resumable import ResumableDataLoader
-from .sources import RawSplit, check_columns, load_source
+from .sources import UNREADABLE, RawSplit, check_columns, load_source
 from .visual_entropy import PixelEntropyScorer, SpectralEntropyScorer
 
 log = logging.getLogger(__name__)
@@ -198,6 +198,8 @@ class MultimodalReasoningDataModule(L.LightningDataModule):
         return out
 
     def _read_row(self, split, row_number, row, sample_id, data: RawSplit, col, used) -> Sample:
+        if UNREADABLE in row:
+            raise ValueError(row[UNREADABLE])
         answer = row.get(col("answer"))
         if answer is None or not str(answer).strip():
             raise ValueError(f"field {col('answer')!r} is empty or missing")

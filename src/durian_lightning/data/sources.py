@@ -34,28 +34,40 @@ class RawSplit:
         return list(seen)
 
 
+UNREADABLE = "__unreadable_line__"  # a JSONL line that is not a JSON object: kept in place, reported as a bad row
+
+
 def read_rows(path: Path) -> list[dict[str, Any]]:
-    """Rows of one local file. JSON may be a list of objects or ``{"data": [...]}``; JSONL has one object a line."""
+    """Rows of one local file. JSON may be a list of objects or ``{"data": [...]}``; JSONL has one object a line.
+
+    A JSONL line that is not UTF-8 JSON holding an object becomes a row ``{UNREADABLE: reason}`` at its place, so the
+    datamodule's bad-row policy (raise or skip) applies to it like to any other bad row, and row numbers stay put.
+    """
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
         return pq.read_table(path).to_pylist()
-    text = path.read_text(encoding="utf-8")
     if path.suffix == ".jsonl":
         rows = []
-        for number, line in enumerate(text.splitlines(), start=1):
+        for number, line in enumerate(path.read_bytes().splitlines(), start=1):
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line.decode("utf-8"))
+                reason = None if isinstance(row, dict) else f"holds a JSON {type(row).__name__}, not an object"
+            except UnicodeDecodeError as error:
+                reason = f"is not UTF-8 (byte {error.start})"
             except json.JSONDecodeError as error:
-                raise ValueError(f"{path}: line {number} is not valid JSON ({error.msg})") from None
-    else:
-        try:
-            payload = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}: not valid JSON ({error.msg} at line {error.lineno})") from None
-        rows = payload.get("data") if isinstance(payload, dict) else payload
+                reason = f"is not valid JSON ({error.msg})"
+            rows.append(row if reason is None else {UNREADABLE: f"line {number} {reason}"})
+        return rows
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 (byte {error.start})") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error.msg} at line {error.lineno})") from None
+    rows = payload.get("data") if isinstance(payload, dict) else payload
     if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
         raise ValueError(f"{path}: expected a list of JSON objects (one per sample)")
     return rows
