@@ -226,3 +226,11 @@ def test_reasoning_groups_are_equal_frequency():
     groups = reasoning_groups(confidence, 7)
     order = confidence.argsort()
     assert bool((groups[order].diff() >= 0).all())
+
+
+@pytest.mark.parametrize("scale", [1e160, 1e-160, 1e-3])
+def test_spectral_entropy_does_not_depend_on_the_features_scale(scale):
+    # p_k = lambda_k / sum(lambda) is scale-free; products of features near 1e160 used to overflow float64
+    features = torch.randn(3, 12, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(spectral_entropy(features * scale), spectral_entropy(features), rtol=1e-9, atol=1e-12)
+    assert spectral_entropy(features.half()).dtype == torch.float64  # half-precision features are read too

@@ -550,6 +550,20 @@ def test_sigterm_checkpoints_the_exact_position_and_exits_non_zero(tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
 
 
+@pytest.mark.parametrize("content, message", [
+    (b"not a checkpoint at all", "is not a readable checkpoint"),
+    (None, "is not a Lightning training checkpoint \\(no state_dict, loops\\)"),
+])
+def test_a_file_that_is_not_a_checkpoint_is_named(tmp_path, content, message):
+    path = tmp_path / "broken.ckpt"
+    if content is None:
+        torch.save({"weights": torch.zeros(2)}, path)
+    else:
+        path.write_bytes(content)
+    with pytest.raises(ValueError, match=f"--ckpt_path {path} {message}"):
+        run_cli(["fit", *fit_args(tmp_path, "tiny:llava", "--trainer.max_steps", "1"), "--ckpt_path", str(path)])
+
+
 def test_full_fine_tuning_with_a_frozen_reference_copy(tmp_path):
     cli = run_cli(["fit", *fit_args(tmp_path, "tiny:llava", "--model.lora.enabled", "false", "--model.loss.kl_coef", "0.05",
                                     "--model.reward.functions", "[tests.test_training:length_reward]",

@@ -53,6 +53,23 @@ def default_loggers(save_dir: str) -> list:
     return loggers
 
 
+def check_checkpoint(path) -> None:
+    """A ``--ckpt_path`` file that is not a training checkpoint gets a message naming it, before anything resumes
+    (torch's own error on such a file advises weights_only=False, which would not help)."""
+    if path is None or str(path) in ("last", "best", "hpc", "registry") or not Path(path).is_file():
+        return
+    import torch
+
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as error:  # noqa: BLE001 - any failure means the same thing here
+        raise ValueError(f"--ckpt_path {path} is not a readable checkpoint ({type(error).__name__}); it may be truncated "
+                         "(a full disk, an interrupted copy) or another kind of file") from None
+    missing = [key for key in ("state_dict", "loops") if not isinstance(checkpoint, dict) or key not in checkpoint]
+    if missing:
+        raise ValueError(f"--ckpt_path {path} is not a Lightning training checkpoint (no {', '.join(missing)})")
+
+
 class DurianCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.model_name_or_path", "data.model_name_or_path")
@@ -92,6 +109,11 @@ def run_cli(args: list[str] | None = None, default_config: bool = True) -> Duria
     """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = _preset_sets_its_own_values(list(sys.argv[1:] if args is None else args))
+    for i, arg in enumerate(args):  # before LightningCLI reads the file's hyper-parameters
+        if arg == "--ckpt_path" and i + 1 < len(args):
+            check_checkpoint(args[i + 1])
+        elif arg.startswith("--ckpt_path="):
+            check_checkpoint(arg.split("=", 1)[1])
     parser_kwargs = {}
     if default_config and DEFAULT_CONFIG.is_file() and not _names_a_config(args):
         parser_kwargs = {cmd: {"default_config_files": [str(DEFAULT_CONFIG)]} for cmd in ("fit", "validate", "test", "predict")}

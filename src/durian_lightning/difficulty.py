@@ -80,6 +80,10 @@ def spectral_entropy(
     x = features.to(dtype)
     n = counts.to(dtype).view(batch, 1, 1)
     centred = (x - (x * weights).sum(dim=1, keepdim=True) / n) * weights  # padded rows stay exactly zero
+    # H depends only on the eigenvalues' proportions: dividing each image by its largest entry changes nothing but keeps
+    # the products below from overflowing (features ~1e160) or underflowing (~1e-160)
+    scale = centred.abs().amax(dim=(1, 2), keepdim=True)
+    centred = centred / torch.where(scale > 0, scale, torch.ones_like(scale))
 
     if route == "auto":
         route = "gram" if patches <= dim else "covariance"
