@@ -113,6 +113,10 @@ def test_clip_fraction_by_hand():
     logprobs = torch.log(torch.tensor([[1.5, 1.0, 0.5, 1.1]]))
     out = policy_loss(logprobs, old, torch.tensor([1.0]), torch.ones(1, 4), config=PolicyLossConfig())
     assert out.clip_fraction.item() == pytest.approx(1 / 4)  # only the 1.5 token is clipped with A > 0
+    assert (out.clip_fraction_low.item(), out.clip_fraction_high.item()) == pytest.approx((0.0, 1 / 4))
+    # with A < 0 the 0.5 token (below 0.8) is the clipped one, at the low end
+    negative = policy_loss(logprobs, old, torch.tensor([-1.0]), torch.ones(1, 4), config=PolicyLossConfig())
+    assert (negative.clip_fraction_low.item(), negative.clip_fraction_high.item()) == pytest.approx((1 / 4, 0.0))
 
 
 def test_presets():

@@ -25,6 +25,7 @@ def scored(ids, rewards, width, old=False):
         prompts=[f"prompt {i}" for i in ids for _ in range(G)], images=[[Image.new("RGB", (4, 4))] for _ in range(n)],
         completion_ids=values, completion_mask=torch.ones(n, width, dtype=torch.long),
         completions=[f"{i}/{k}" for i in ids for k in range(G)], sampled_logprobs=-values.float(),
+        ended=torch.arange(n) % 2 == 0,
     )
     return ScoredRollouts(
         rollout=rollout, num_generations=G, ids=list(ids), problems=[f"problem {i}" for i in ids],
@@ -46,6 +47,7 @@ def test_select_and_concat_prompts():
     joined = ScoredRollouts.concat([picked, b])
     assert joined.ids == ["a2", "a0", "b0"] and joined.num_prompts == 3
     assert joined.answers == ["answer a2", "answer a0", "answer b0"]
+    assert joined.rollout.ended.tolist() == [True, False, True, False, True, False]
     assert joined.prompt_index.tolist() == [0, 0, 1, 1, 2, 2]
     # a's completions are 2 wide, b's 4: a's rows are right-padded with zeros, masked out
     assert joined.rollout.completion_ids.shape == (6, 4)

@@ -78,6 +78,8 @@ def test_fit_and_validate_through_the_cli(tmp_path, model):
     rows = metrics(trainer)
     columns = set().union(*rows)
     for name in ["train/loss", "train/reward", "train/reward_format", "train/reward_accuracy", "difficulty/all_equal_ratio",
+                 "train/reward_std", "train/completion_length_min", "train/completion_length_max", "train/truncated_fraction",
+                 "train/clip_fraction_low", "train/clip_fraction_high",
                  "difficulty/extreme_ratio", "difficulty/max_abs_advantage_grpo", "difficulty/perceptual_0/shared_std",
                  "val/accuracy", "error/entropy_group_0"]:
         assert name in columns, name
@@ -178,6 +180,10 @@ def test_left_padded_rows_get_the_logprobs_they_get_alone(model_name, sampling):
     assert rollout.sampled_logprobs.shape == batched.shape
     torch.testing.assert_close(rollout.sampled_logprobs[mask], alone[mask], atol=1e-4, rtol=1e-4)
     assert bool((rollout.sampled_logprobs[~mask] == 0).all())
+    # a completion "ended" iff it holds the EOS token; the others were cut off at max_new_tokens
+    eos = processor.tokenizer.eos_token_id
+    assert rollout.ended.tolist() == [eos in row for row in rollout.completion_ids.tolist()]
+    assert all(int(m.sum()) == 8 for m, e in zip(rollout.completion_mask, rollout.ended) if not e)
     # the placeholder ban still holds (it moved into the recording processor)
     assert not torch.isin(rollout.completion_ids, torch.tensor(multimodal_token_ids(model))).any()
 

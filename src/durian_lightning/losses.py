@@ -59,12 +59,13 @@ def clipped_surrogate(
 
 def clipped_tokens(
     logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, eps_low: float, eps_high: float
-) -> torch.Tensor:
-    """Where the clipped branch is active (the ratio left the range in the direction the advantage pushes): these
-    tokens get no gradient. Boolean, shaped like ``logprobs``."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where the clipped branch is active, as ``(low, high)`` boolean masks shaped like ``logprobs``: the ratio fell
+    below ``1 - eps_low`` on a negative advantage, or rose above ``1 + eps_high`` on a positive one. These tokens get
+    no gradient."""
     ratio = torch.exp(logprobs - old_logprobs)
     adv = _broadcast_advantages(advantages, logprobs)
-    return ((ratio < 1 - eps_low) & (adv < 0)) | ((ratio > 1 + eps_high) & (adv > 0))
+    return (ratio < 1 - eps_low) & (adv < 0), (ratio > 1 + eps_high) & (adv > 0)
 
 
 def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: KLEstimator = "k3") -> torch.Tensor:
@@ -171,7 +172,13 @@ class PolicyLoss:
     loss: torch.Tensor  # scalar: policy-gradient term + kl_coef * KL term
     policy_loss: torch.Tensor  # scalar: the surrogate term alone (detached)
     kl: torch.Tensor  # scalar: the aggregated KL estimate (detached; 0 without a reference)
-    clip_fraction: torch.Tensor  # scalar: share of real tokens where the clipped branch was taken (detached)
+    clip_fraction_low: torch.Tensor  # scalar: share of real tokens clipped at 1 - eps_low (A < 0; detached)
+    clip_fraction_high: torch.Tensor  # scalar: share of real tokens clipped at 1 + eps_high (A > 0; detached)
+
+    @property
+    def clip_fraction(self) -> torch.Tensor:
+        """Share of real tokens where the clipped branch was taken."""
+        return self.clip_fraction_low + self.clip_fraction_high
 
 
 def policy_loss(
@@ -187,7 +194,7 @@ def policy_loss(
 
     ``denominator`` is :func:`aggregation_denominator` of the whole batch when this call sees one micro-batch of it:
     the micro-batches' ``loss``, ``policy_loss`` and ``kl`` then add up exactly to the whole batch's. By default it is
-    this batch's own. ``clip_fraction`` is always this call's share of clipped real tokens.
+    this batch's own. The clip fractions are always this call's shares of clipped real tokens.
     """
     if denominator is None:
         denominator = aggregation_denominator(mask, config.aggregation)
@@ -206,7 +213,7 @@ def policy_loss(
         kl_value = aggregate(kl.detach())
     loss = aggregate(token_loss)
     with torch.no_grad():
-        clipped = clipped_tokens(logprobs, old_logprobs, advantages, config.eps_low, config.eps_high)
-        clip_fraction = aggregate_loss(clipped.to(logprobs.dtype), mask, "token-mean")
+        low, high = (aggregate_loss(c.to(logprobs.dtype), mask, "token-mean")
+                     for c in clipped_tokens(logprobs, old_logprobs, advantages, config.eps_low, config.eps_high))
         pg = aggregate(surrogate.detach())
-    return PolicyLoss(loss=loss, policy_loss=pg, kl=kl_value, clip_fraction=clip_fraction)
+    return PolicyLoss(loss=loss, policy_loss=pg, kl=kl_value, clip_fraction_low=low, clip_fraction_high=high)

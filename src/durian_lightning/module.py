@@ -167,10 +167,15 @@ class DurianGRPO(L.LightningModule):
             stats = ppo_update(update, partial(self.policy_logprobs, scored.rollout), self.loss_config, mini_batch_size,
                                opt.micro_batch_size, opt.ppo_epochs, self._backward, self._optimizer_step)
 
-        self.log_dict({
-            "train/loss": stats.loss, "train/kl": stats.kl, "train/clip_fraction": stats.clip_fraction,
-            "train/reward": float(scored.rewards.mean()),
-            "train/completion_length": float(scored.rollout.completion_mask.sum(dim=1).float().mean()),
+        lengths = scored.rollout.completion_mask.sum(dim=1).float()
+        self.log_dict({  # the names TRL / verl users look for are mapped in the README
+            "train/loss": stats.loss, "train/kl": stats.kl,
+            "train/clip_fraction": stats.clip_fraction_low + stats.clip_fraction_high,
+            "train/clip_fraction_low": stats.clip_fraction_low, "train/clip_fraction_high": stats.clip_fraction_high,
+            "train/reward": float(scored.rewards.mean()), "train/reward_std": float(scored.rewards.std()),
+            "train/completion_length": float(lengths.mean()), "train/completion_length_min": float(lengths.min()),
+            "train/completion_length_max": float(lengths.max()),
+            "train/truncated_fraction": float(1 - scored.rollout.ended.float().mean()),
             **{f"train/reward_{name}": float(values.mean()) for name, values in scored.reward_components.items()},
             **{f"perf/{phase}_s": seconds for phase, seconds in self._phase_seconds.items()},
         })

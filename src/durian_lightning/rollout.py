@@ -38,6 +38,7 @@ class Rollout:
     completion_mask: torch.Tensor  # (N, T) 1 up to and including the first EOS
     completions: list[str]  # (N,) decoded completion text (special tokens dropped)
     sampled_logprobs: torch.Tensor  # (N, T) log-prob of each token when it was sampled (float32), 0 after EOS
+    ended: torch.Tensor  # (N,) bool: the completion ended with EOS (False: cut off at max_new_tokens)
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -49,6 +50,7 @@ class Rollout:
             prompts=[self.prompts[i] for i in rows], images=[self.images[i] for i in rows],
             completion_ids=self.completion_ids[rows], completion_mask=self.completion_mask[rows],
             completions=[self.completions[i] for i in rows], sampled_logprobs=self.sampled_logprobs[rows],
+            ended=self.ended[rows],
         )
 
     @staticmethod
@@ -61,6 +63,7 @@ class Rollout:
             completion_mask=torch.cat([pad_completions(part.completion_mask, width) for part in parts]),
             completions=[c for part in parts for c in part.completions],
             sampled_logprobs=torch.cat([pad_completions(part.sampled_logprobs, width) for part in parts]),
+            ended=torch.cat([part.ended for part in parts]),
         )
 
 
@@ -212,7 +215,8 @@ def _generate(model, processor, rows_prompts, rows_images, sampling: SamplingCon
     mask = completion_mask_after_eos(completion_ids, eos_ids)
     sampled_logprobs = recorder.finish(completion_ids) * mask
     texts = processor.tokenizer.batch_decode(completion_ids * mask + processor.tokenizer.pad_token_id * (1 - mask), skip_special_tokens=True)
-    return Rollout(rows_prompts, rows_images, completion_ids, mask.to(completion_ids.device), texts, sampled_logprobs)
+    ended = torch.isin(completion_ids, torch.tensor(eos_ids, device=completion_ids.device)).any(dim=1)
+    return Rollout(rows_prompts, rows_images, completion_ids, mask.to(completion_ids.device), texts, sampled_logprobs, ended)
 
 
 def completion_logprobs(model, processor, rollout: Rollout, rows: torch.Tensor | Sequence[int], temperature: float = 1.0) -> torch.Tensor:

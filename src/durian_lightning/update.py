@@ -35,7 +35,8 @@ class UpdateBatch:
 class UpdateStats:
     loss: float  # mean over optimizer steps of the mini-batch loss
     kl: float  # mean over optimizer steps of the aggregated KL estimate (0 without a KL term)
-    clip_fraction: float  # share of all real tokens (over every pass) where the clipped branch was taken
+    clip_fraction_low: float  # share of all real tokens (over every pass) clipped at 1 - eps_low
+    clip_fraction_high: float  # ... and at 1 + eps_high
     optimizer_steps: int
 
 
@@ -65,7 +66,7 @@ def ppo_update(
         raise ValueError("old_logprobs are needed when a batch feeds more than one optimizer step")
     mask = batch.rollout.completion_mask.to(batch.advantages.device)
     step_losses, step_kls = [], []
-    clipped = tokens = 0.0
+    clipped_low = clipped_high = tokens = 0.0
     for _ in range(ppo_epochs):
         for first in range(0, num_prompts, mini_batch_size):
             rows = torch.arange(first * g, min(num_prompts, first + mini_batch_size) * g)
@@ -80,12 +81,14 @@ def ppo_update(
                 step_loss += float(out.loss.detach())
                 step_kl += float(out.kl)
                 chunk_tokens = float(mask[chunk].sum())
-                clipped += float(out.clip_fraction) * chunk_tokens
+                clipped_low += float(out.clip_fraction_low) * chunk_tokens
+                clipped_high += float(out.clip_fraction_high) * chunk_tokens
                 tokens += chunk_tokens
             optimizer_step()
             step_losses.append(step_loss)
             step_kls.append(step_kl)
     return UpdateStats(
         loss=sum(step_losses) / len(step_losses), kl=sum(step_kls) / len(step_kls),
-        clip_fraction=clipped / max(tokens, 1.0), optimizer_steps=len(step_losses),
+        clip_fraction_low=clipped_low / max(tokens, 1.0), clip_fraction_high=clipped_high / max(tokens, 1.0),
+        optimizer_steps=len(step_losses),
     )
