@@ -11,6 +11,7 @@ from durian_lightning.advantages import (
     Advantages,
     DifficultyScores,
     batch_std_advantages,
+    consecutive_prompt_index,
     dr_grpo_advantages,
     durian_advantages,
     effective_alphas,
@@ -320,3 +321,8 @@ def test_a_registered_estimator_is_found_by_name(monkeypatch):
     rewards = torch.tensor([1.0, 1, 1, 0, 0.5, 0.5, 0.5, 0.6])
     out = get_estimator("std_floor")(rewards, torch.arange(2).repeat_interleave(4), DifficultyScores(), AdvantageSettings())
     torch.testing.assert_close(out.advantages, torch.tensor([0.5, 0.5, 0.5, -1.5, -0.25, -0.25, -0.25, 0.75]))
+
+
+def test_consecutive_prompt_index():
+    assert consecutive_prompt_index(3, 2).tolist() == [0, 0, 1, 1, 2, 2]
+    assert consecutive_prompt_index(0, 4).tolist() == []

@@ -493,6 +493,18 @@ def test_dapo_preset_with_dynamic_sampling_trains_on_informative_prompts_only(tm
     assert dropped and all(d >= 0 and d.is_integer() for d in dropped)
 
 
+def test_dataset_entropy_thresholds_group_the_batch_by_the_training_sets_percentiles(tmp_path):
+    from durian_lightning.difficulty import perceptual_groups
+
+    cli = run_cli(["fit", *fit_args(tmp_path, "tiny:llava", "--model.advantages.entropy_thresholds", "dataset",
+                                    "--data.batch_size", "4", "--model.reward.functions", "[tests.test_training:length_reward]",
+                                    "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0")])
+    record = cli.model.last_update
+    thresholds = cli.datamodule.entropy_thresholds((0.25, 0.75))
+    expected = perceptual_groups(record.batch.scores.visual_entropy, thresholds=thresholds)
+    assert record.advantages.groups["perceptual"].view(-1, 2)[:, 0].tolist() == expected.tolist()
+
+
 def test_a_registered_estimator_is_looked_up_by_name(tmp_path, monkeypatch):
     from tests.test_advantages import std_floor
 

@@ -56,6 +56,11 @@ class _Centred:
     out_dtype: torch.dtype
 
 
+def consecutive_prompt_index(num_prompts: int, num_generations: int, device=None) -> torch.Tensor:
+    """The ``prompt_index`` of rollouts stored G consecutive rows per prompt: ``0 0 .. 0 1 1 .. 1 ...``."""
+    return torch.arange(num_prompts, device=device).repeat_interleave(num_generations)
+
+
 def _centre(rewards: torch.Tensor, prompt_index: torch.Tensor, num_prompts: int | None) -> _Centred:
     rewards = check_vector("rewards", torch.as_tensor(rewards))
     check_finite("rewards", rewards)

@@ -16,7 +16,7 @@ import lightning as L
 import torch
 
 from ._distributed import all_gather_records
-from .advantages import Advantages, grpo_advantages
+from .advantages import Advantages, consecutive_prompt_index, grpo_advantages
 from .difficulty import perceptual_groups
 
 
@@ -38,7 +38,7 @@ def rollout_statistics(rewards: torch.Tensor, num_generations: int, advantages: 
     all_equal = (high == low).squeeze(1)
     n_high, n_low = (per_prompt == high).sum(dim=1), (per_prompt == low).sum(dim=1)
     extreme = ~all_equal & ((n_high == 1) | (n_low == 1)) & (n_high + n_low == g)
-    grpo = grpo_advantages(rewards, torch.arange(per_prompt.shape[0], device=rewards.device).repeat_interleave(g))
+    grpo = grpo_advantages(rewards, consecutive_prompt_index(per_prompt.shape[0], g, rewards.device))
     values = advantages.advantages
     stats = {
         "difficulty/all_equal_ratio": float(all_equal.float().mean()),

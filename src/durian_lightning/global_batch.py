@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from ._distributed import all_gather_1d
-from .advantages import Advantages, DifficultyScores
+from .advantages import Advantages, DifficultyScores, consecutive_prompt_index
 from .scoring import ScoredRollouts
 
 
@@ -26,8 +26,8 @@ class GlobalBatch:
 
     @property
     def prompt_index(self) -> torch.Tensor:
-        return torch.arange(self.rewards.numel() // self.num_generations, device=self.rewards.device).repeat_interleave(
-            self.num_generations)
+        return consecutive_prompt_index(self.rewards.numel() // self.num_generations, self.num_generations,
+                                        self.rewards.device)
 
 
 def gather_global_batch(

@@ -23,16 +23,24 @@ import torchmetrics
 
 from ._distributed import all_gather_records, average_gradients, min_over_ranks, require_ddp
 from .advantages import AdvantageSettings, get_estimator
+from .answer_prior import answer_prior_accuracy, most_frequent_answers
 from .checkpointing import restore_rng_state, rng_states, seed_rank, trainable_state
 from .dynamic_sampling import PromptBuffer
-from .answer_prior import answer_prior_accuracy, most_frequent_answers
 from .evaluation import BREAKDOWNS, METRIC_NAMES, accuracy_by, metric_updates, prediction_rows, sample_records
 from .global_batch import UpdateRecord, gather_global_batch
 from .models.loading import load_policy
 from .models.reference import ReferencePolicy
 from .rollout import completion_logprobs, generate_rollouts
 from .scoring import ScoredRollouts, score_rollouts
-from .settings import EvaluationSettings, as_settings, LoraSettings, LossSettings, OptimizationSettings, RewardSettings, RolloutSettings
+from .settings import (
+    EvaluationSettings,
+    LoraSettings,
+    LossSettings,
+    OptimizationSettings,
+    RewardSettings,
+    RolloutSettings,
+    as_settings,
+)
 from .update import UpdateBatch, ppo_update
 
 
@@ -170,7 +178,7 @@ class DurianGRPO(L.LightningModule):
         lengths = scored.rollout.completion_mask.sum(dim=1).float()
         self.log_dict({  # the names TRL / verl users look for are mapped in the README
             "train/loss": stats.loss, "train/kl": stats.kl,
-            "train/clip_fraction": stats.clip_fraction_low + stats.clip_fraction_high,
+            "train/clip_fraction": stats.clip_fraction,
             "train/clip_fraction_low": stats.clip_fraction_low, "train/clip_fraction_high": stats.clip_fraction_high,
             "train/reward": float(scored.rewards.mean()), "train/reward_std": float(scored.rewards.std()),
             "train/completion_length": float(lengths.mean()), "train/completion_length_min": float(lengths.min()),
@@ -214,9 +222,14 @@ class DurianGRPO(L.LightningModule):
         return scored
 
     def _entropy_thresholds(self) -> torch.Tensor | None:
-        if self.advantages.entropy_thresholds == "dataset":
-            return self.trainer.datamodule.entropy_thresholds(self.advantages.percentiles)
-        return None
+        """Training's perceptual thresholds: the batch's percentiles (None), or the dataset's when configured."""
+        if self.advantages.entropy_thresholds == "batch":
+            return None
+        thresholds = self.perceptual_thresholds()
+        if thresholds is None:
+            raise ValueError("advantages.entropy_thresholds='dataset' needs a datamodule with entropy_thresholds(), "
+                             "such as MultimodalReasoningDataModule")
+        return thresholds
 
     def _backward(self, loss: torch.Tensor) -> None:
         # DistributedDataParallel would all-reduce in every backward (one per micro-batch); gradients stay local and

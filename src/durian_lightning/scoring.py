@@ -12,6 +12,7 @@ from typing import Any, Sequence
 
 import torch
 
+from .advantages import consecutive_prompt_index
 from .difficulty import Reduction, sequence_confidence
 from .rewards import WeightedReward
 from .rollout import Rollout, pad_completions
@@ -43,7 +44,7 @@ class ScoredRollouts:
     @property
     def prompt_index(self) -> torch.Tensor:
         """(N,) the prompt each row answers."""
-        return torch.arange(self.num_prompts, device=self.rewards.device).repeat_interleave(self.num_generations)
+        return consecutive_prompt_index(self.num_prompts, self.num_generations, self.rewards.device)
 
     def informative_prompts(self, reward: str = "total") -> list[int]:
         """Prompts whose G values of ``reward`` (a reward component's name, or ``"total"``) are not all equal."""
@@ -120,7 +121,7 @@ def score_rollouts(
     scores = reward(rollout.completions, per_row(batch["answer"]), sample_ids=per_row(batch["id"]),
                     problem=per_row(batch["problem"]), **fields)
     num_prompts = len(batch["id"])
-    prompt_index = torch.arange(num_prompts, device=device).repeat_interleave(g)
+    prompt_index = consecutive_prompt_index(num_prompts, g, device)
     confidence = sequence_confidence(rollout.sampled_logprobs.to(device), rollout.completion_mask.to(device),
                                      prompt_index, confidence_reduction, num_prompts)
     return ScoredRollouts(

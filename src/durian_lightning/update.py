@@ -39,6 +39,10 @@ class UpdateStats:
     clip_fraction_high: float  # ... and at 1 + eps_high
     optimizer_steps: int
 
+    @property
+    def clip_fraction(self) -> float:
+        return self.clip_fraction_low + self.clip_fraction_high
+
 
 def ppo_update(
     batch: UpdateBatch,
