@@ -24,7 +24,7 @@ COLORS = {
 SHAPES = ("circle", "square", "triangle")
 
 
-def _background(rng: random.Random, size: int, clutter: int) -> Image.Image:
+def background(rng: random.Random, size: int, clutter: int) -> Image.Image:
     base = tuple(rng.randint(200, 255) for _ in range(3))
     image = Image.new("RGB", (size, size), base)
     draw = ImageDraw.Draw(image)
@@ -49,14 +49,34 @@ def _background(rng: random.Random, size: int, clutter: int) -> Image.Image:
     return image
 
 
-def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], color) -> None:
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], color) -> None:
+    """One filled shape in its grid-cell ``box``: the bundled three, plus the pretraining world's other three."""
     x0, y0, x1, y1 = box
+    mx, my = (x0 + x1) // 2, (y0 + y1) // 2
     if shape == "circle":
         draw.ellipse(box, fill=color)
     elif shape == "square":
         draw.rectangle(box, fill=color)
+    elif shape == "triangle":
+        draw.polygon([(mx, y0), (x1, y1), (x0, y1)], fill=color)
+    elif shape == "rectangle":  # wide and flat
+        h = (y1 - y0) // 4
+        draw.rectangle((x0, my - h, x1, my + h), fill=color)
+    elif shape == "diamond":
+        draw.polygon([(mx, y0), (x1, my), (mx, y1), (x0, my)], fill=color)
+    elif shape == "cross":
+        w = max(1, (x1 - x0) // 6)
+        draw.rectangle((mx - w, y0, mx + w, y1), fill=color)
+        draw.rectangle((x0, my - w, x1, my + w), fill=color)
     else:
-        draw.polygon([((x0 + x1) // 2, y0), (x1, y1), (x0, y1)], fill=color)
+        raise ValueError(f"unknown shape {shape!r}")
+
+
+def distractor_marks(rng: random.Random, draw: ImageDraw.ImageDraw, size: int, clutter: int) -> None:
+    """Thin random strokes, not shapes: none at clutter 0-1, 3 at level 2, 8 at level 3."""
+    for _ in range({0: 0, 1: 0, 2: 3, 3: 8}[clutter]):
+        x, y = rng.randrange(size), rng.randrange(size)
+        draw.line([(x, y), (x + rng.randint(-6, 6), y + rng.randint(-6, 6))], fill=tuple(rng.randint(0, 255) for _ in range(3)))
 
 
 def _place(rng: random.Random, size: int, cell: int, taken: set) -> tuple[int, int, int, int]:
@@ -70,7 +90,7 @@ def _place(rng: random.Random, size: int, cell: int, taken: set) -> tuple[int, i
 
 def make_sample(rng: random.Random, size: int = 64) -> tuple[Image.Image, dict]:
     clutter = rng.randrange(4)
-    image = _background(rng, size, clutter)
+    image = background(rng, size, clutter)
     draw = ImageDraw.Draw(image)
     cell = size // 4
     taken: set = set()
@@ -84,10 +104,8 @@ def make_sample(rng: random.Random, size: int = 64) -> tuple[Image.Image, dict]:
     else:
         shapes += [(rng.choice(SHAPES), rng.choice(list(COLORS))) for _ in range(rng.randint(1, 6))]
     for shape, color in shapes:
-        _draw_shape(draw, shape, _place(rng, size, cell, taken), COLORS[color])
-    for _ in range({0: 0, 1: 0, 2: 3, 3: 8}[clutter]):  # thin distractor marks, not shapes
-        x, y = rng.randrange(size), rng.randrange(size)
-        draw.line([(x, y), (x + rng.randint(-6, 6), y + rng.randint(-6, 6))], fill=tuple(rng.randint(0, 255) for _ in range(3)))
+        draw_shape(draw, shape, _place(rng, size, cell, taken), COLORS[color])
+    distractor_marks(rng, draw, size, clutter)
 
     if kind == "count":
         shape, color = rng.choice(shapes) if rng.random() < 0.8 else (rng.choice(SHAPES), rng.choice(list(COLORS)))

@@ -8,18 +8,30 @@ from pathlib import Path
 import torch
 
 TINY_PREFIX = "tiny:"
+PRETRAINED = "llava-pretrained"
 # LoRA on the language model's attention only: a bare ".*q_proj" would adapt the vision tower too
 DEFAULT_LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def resolve_model_path(name_or_path: str, cache_root: str | os.PathLike | None = None) -> str:
-    """``tiny:llava`` / ``tiny:qwen2_5_vl`` build (once) a tiny offline VLM and return its folder; other names pass."""
+    """``tiny:llava`` / ``tiny:qwen2_5_vl`` / ``tiny:llava-format`` build (once) a tiny offline VLM and return its
+    folder; ``tiny:llava-pretrained`` is the pretrained and instruction-tuned one shipped with the package
+    (:mod:`.pretrain`); other names pass."""
     if not name_or_path.startswith(TINY_PREFIX):
         return name_or_path
     from .tiny import tiny_vlm_path
 
     architecture = name_or_path[len(TINY_PREFIX) :]
+    if architecture == PRETRAINED:
+        from .pretrain import SHIPPED
+
+        if not (SHIPPED / "model.safetensors").exists():
+            raise FileNotFoundError(
+                f"{name_or_path}: the shipped weights are missing from {SHIPPED}; rebuild them with "
+                "`python -m durian_lightning.models.pretrain`"
+            )
+        return str(SHIPPED)
     root = Path(cache_root or os.environ.get("DURIAN_CACHE", ".cache/durian")) / "models" / f"tiny-{architecture}"
     return str(tiny_vlm_path(root, architecture))
 

@@ -42,7 +42,8 @@ _CORPUS = [
 ]
 
 
-def _train_tokenizer(vocab_size: int, chat_template: str = TINY_CHAT_TEMPLATE):
+def _train_tokenizer(vocab_size: int, chat_template: str = TINY_CHAT_TEMPLATE, corpus: list[str] | None = None):
+    """Byte-level BPE (any text is spellable) whose merges come from ``corpus`` (default: the task's words)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -55,7 +56,7 @@ def _train_tokenizer(vocab_size: int, chat_template: str = TINY_CHAT_TEMPLATE):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(_CORPUS * 20, trainer)
+    tokenizer.train_from_iterator((_CORPUS + list(corpus or [])) * 20, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<pad>")
     fast.chat_template = chat_template
     return fast
@@ -93,6 +94,7 @@ def build_tiny_llava(
     num_layers: int = 2,
     vocab_size: int = 512,
     seed: int = 0,
+    corpus: list[str] | None = None,
 ):
     """Build ``(model, processor)``: a SigLIP vision tower + Qwen2 language model joined LLaVA-style."""
     from transformers import (
@@ -104,7 +106,7 @@ def build_tiny_llava(
         SiglipVisionConfig,
     )
 
-    tokenizer = _train_tokenizer(vocab_size)
+    tokenizer = _train_tokenizer(vocab_size, corpus=corpus)
     vision = SiglipVisionConfig(
         image_size=image_size,
         patch_size=patch_size,

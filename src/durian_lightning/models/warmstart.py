@@ -16,6 +16,7 @@ import torch
 
 from ..prompts import DEFAULT_INSTRUCTION, DEFAULT_SYSTEM_PROMPT, build_messages
 from ..scenes import COLORS, make_sample
+from .supervised import prompt_text, supervised_loss
 
 ANSWERS = [str(n) for n in range(9)] + list(COLORS)
 TARGET = "<think>I look at the shapes.</think> \\boxed{{{answer}}}"
@@ -24,27 +25,18 @@ TARGET = "<think>I look at the shapes.</think> \\boxed{{{answer}}}"
 def format_warmstart(model, processor, steps: int = 150, batch_size: int = 16, learning_rate: float = 3e-3, seed: int = 1234) -> None:
     """Supervised steps on the answer format (random answers); updates ``model`` in place."""
     rng = random.Random(seed)
-    tokenizer = processor.tokenizer
-    tokenizer.padding_side = "right"
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate)
     model.train()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for _ in range(steps):
-            images, texts, prompt_lengths = [], [], []
+            images, prompts, targets = [], [], []
             for _ in range(batch_size):
                 image, row = make_sample(rng)
-                messages = build_messages(row["problem"], 1, DEFAULT_SYSTEM_PROMPT, DEFAULT_INSTRUCTION)
-                prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
                 images.append(image)
-                texts.append(prompt + TARGET.format(answer=rng.choice(ANSWERS)) + tokenizer.eos_token)
-                prompt_lengths.append(len(processor(text=[prompt], images=[image])["input_ids"][0]))
-            batch = processor(text=texts, images=images, return_tensors="pt", padding=True)
-            labels = batch["input_ids"].clone()
-            labels[batch["attention_mask"] == 0] = -100
-            for row, length in enumerate(prompt_lengths):
-                labels[row, :length] = -100  # learn the answer, not the prompt
-            loss = model(**batch, labels=labels).loss
+                prompts.append(prompt_text(processor, build_messages(row["problem"], 1, DEFAULT_SYSTEM_PROMPT, DEFAULT_INSTRUCTION)))
+                targets.append(TARGET.format(answer=rng.choice(ANSWERS)))
+            loss = supervised_loss(model, processor, images, prompts, targets)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
