@@ -37,18 +37,23 @@ def test_summary_and_description_by_hand():
 def test_instruction_reasoning_and_answers_follow_from_the_scene():
     scene = Scene((SceneObject("cross", "teal", 0, 1), SceneObject("diamond", "teal", 2, 2),
                    SceneObject("circle", "red", 3, 0)), clutter=0)
+    every = "shapes: teal cross (1), teal diamond (2), red circle (3)"  # every reasoning starts by listing all
     seen = {}
     rng = random.Random(0)
     for _ in range(600):
         kind, question, reasoning, answer = instruction_sample(rng, scene)
         seen.setdefault(kind, set()).add((question, reasoning, answer))
-    assert ("What shape is at the top center-left?", "at the top center-left: teal cross", "cross") in seen["shape_at"]
-    assert ("What color is the shape at the lower center-right?", "at the lower center-right: teal diamond", "teal") in seen["color_at"]
-    assert ("How many teal shapes are there in the image?", "teal shapes: teal cross (1), teal diamond (2)", "2") in seen["count_color"]
-    assert ("How many blue shapes are there in the image?", "blue shapes: none", "0") in seen["count_color"]
-    assert ("Is there a teal diamond in the image?", "teal diamonds: teal diamond (1)", "yes") in seen["present"]
+    assert ("What shape is at the top center-left?", f"{every}. at the top center-left: teal cross", "cross") in seen["shape_at"]
+    assert ("What color is the shape at the lower center-right?", f"{every}. at the lower center-right: teal diamond", "teal") in seen["color_at"]
+    assert ("How many teal shapes are there in the image?", f"{every}. teal shapes: teal cross (1), teal diamond (2)", "2") in seen["count_color"]
+    assert ("How many purple shapes are there in the image?", f"{every}. purple shapes: none", "0") in seen["count_color"]
+    assert ("Is there a teal diamond in the image?", f"{every}. teal diamonds: teal diamond (1)", "yes") in seen["present"]
+    assert ("Are all the crosses teal?", f"{every}. crosses: teal cross (1)", "yes") in seen["all_same_color"]
+    assert ("Are all the circles purple?", f"{every}. circles: red circle (1)", "no") in seen["all_same_color"]
+    assert ("How many crosses are there in the image?", f"{every}. crosses: teal cross (1)", "1") in seen["count_shape"]
+    assert seen["distinct_colors"] == {("How many different colors are there in the image?", every, "2")}
     # only red is a colour held by one shape
-    assert seen["shape_of_color"] == {("What shape is red?", "red shapes: red circle (1)", "circle")}
+    assert seen["shape_of_color"] == {("What shape is red?", f"{every}. red shapes: red circle (1)", "circle")}
     present = {q: a for q, _, a in seen["present"]}
     assert all(a == "no" for q, a in present.items() if q not in {f"Is there a {o} in the image?" for o in ("teal cross", "teal diamond", "red circle")})
 

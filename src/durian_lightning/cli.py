@@ -1,7 +1,7 @@
 """``durian fit|validate|test|predict`` through LightningCLI.
 
-With no arguments it runs the embedded offline default, configs/default.yaml: a tiny LLaVA-style VLM built from
-config, the bundled synthetic data, Durian-GRPO. The datamodule's model path is
+With no arguments it runs the embedded offline default, configs/default.yaml: the shipped tiny LLaVA-style VLM
+(pretrained and instruction-tuned, ``tiny:llava-pretrained``), the bundled synthetic data, Durian-GRPO. The datamodule's model path is
 linked to the module's, so the entropy encoder is always the policy's own.
 """
 

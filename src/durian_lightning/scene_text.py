@@ -39,7 +39,9 @@ COLUMNS = ("left", "center-left", "center-right", "right")
 GRID = 4
 
 RL_TYPES = ("count", "total", "color", "sum")
-INSTRUCTION_TYPES = ("present", "count_color", "shape_of_color", "shape_at", "color_at")
+INSTRUCTION_TYPES = (
+    "present", "all_same_color", "count_color", "count_shape", "distinct_colors", "shape_of_color", "shape_at", "color_at",
+)
 
 
 @dataclass(frozen=True)
@@ -78,8 +80,16 @@ def random_scene(rng: random.Random, size: int = 64) -> tuple[Image.Image, Scene
     return image, Scene(tuple(objects), clutter)
 
 
+def plural(noun: str) -> str:
+    return noun + "es" if noun.endswith("ss") else noun + "s"
+
+
+def article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
 def _plural(n: int, noun: str) -> str:
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}es" if noun.endswith("ss") else f"{n} {noun}s"
+    return f"{n} {noun}" if n == 1 else f"{n} {plural(noun)}"
 
 
 def summary(scene: Scene) -> str:
@@ -93,7 +103,7 @@ def summary(scene: Scene) -> str:
 
 def description(scene: Scene) -> str:
     """Every object with its place, then the background: the perception-pretraining caption."""
-    parts = [f"{'an' if o.color[0] in 'aeiou' else 'a'} {o.color} {o.shape} at {o.where}" for o in scene.objects]
+    parts = [f"{article(o.color)} {o.color} {o.shape} at {o.where}" for o in scene.objects]
     return "; ".join(parts) + f"; {BACKGROUNDS[scene.clutter]} background."
 
 
@@ -107,9 +117,15 @@ def listing(label: str, matches: list[SceneObject]) -> str:
 def instruction_sample(rng: random.Random, scene: Scene) -> tuple[str, str, str, str]:
     """``(question_type, question, reasoning, answer)`` of an instruction type, answerable from the image alone.
 
-    The reasoning first finds what the question is about (by colour and shape, by colour, or by place), then
-    answers from what it found; RL question types need the same steps combined differently.
+    The reasoning lists every shape, then finds what the question is about (by colour and shape, by shape, by colour,
+    or by place) and answers from what it found; RL question types need the same steps combined differently.
     """
+    kind, question, focus, answer = _focused_sample(rng, scene)
+    seen = listing("shapes", list(scene.objects))
+    return kind, question, seen if focus == seen else f"{seen}. {focus}", answer
+
+
+def _focused_sample(rng: random.Random, scene: Scene) -> tuple[str, str, str, str]:
     objects = scene.objects
     unique_colors = [o for o in objects if sum(p.color == o.color for p in objects) == 1]
     kinds = [k for k in INSTRUCTION_TYPES if k != "shape_of_color" or unique_colors]
@@ -117,8 +133,22 @@ def instruction_sample(rng: random.Random, scene: Scene) -> tuple[str, str, str,
     if kind == "present":
         target = rng.choice(objects) if rng.random() < 0.5 else SceneObject(rng.choice(SHAPES), rng.choice(list(COLORS)), 0, 0)
         matches = [o for o in objects if (o.shape, o.color) == (target.shape, target.color)]
-        reasoning = listing(f"{target.color} {target.shape}s", matches)
-        return kind, f"Is there a {target.color} {target.shape} in the image?", reasoning, "yes" if matches else "no"
+        reasoning = listing(f"{target.color} {plural(target.shape)}", matches)
+        question = f"Is there {article(target.color)} {target.color} {target.shape} in the image?"
+        return kind, question, reasoning, "yes" if matches else "no"
+    if kind == "all_same_color":
+        target = rng.choice(objects)
+        color = target.color if rng.random() < 0.5 else rng.choice(list(COLORS))
+        matches = [o for o in objects if o.shape == target.shape]
+        answer = "yes" if all(o.color == color for o in matches) else "no"
+        return kind, f"Are all the {plural(target.shape)} {color}?", listing(plural(target.shape), matches), answer
+    if kind == "count_shape":
+        shape = rng.choice(objects).shape if rng.random() < 0.8 else rng.choice(SHAPES)
+        matches = [o for o in objects if o.shape == shape]
+        return kind, f"How many {plural(shape)} are there in the image?", listing(plural(shape), matches), str(len(matches))
+    if kind == "distinct_colors":
+        answer = str(len({o.color for o in objects}))
+        return kind, "How many different colors are there in the image?", listing("shapes", list(objects)), answer
     if kind == "count_color":
         color = rng.choice(objects).color if rng.random() < 0.8 else rng.choice(list(COLORS))
         matches = [o for o in objects if o.color == color]

@@ -91,7 +91,7 @@ class MultimodalReasoningDataModule(L.LightningDataModule):
         source: a folder with train/val/test files (.jsonl/.json/.parquet), one file, a save_to_disk folder, a
             {split: file} mapping, or a Hugging Face hub id.
         model_name_or_path: the VLM whose vision encoder scores images (linked to the module's in the CLI;
-            tiny:llava / tiny:qwen2_5_vl build a tiny offline one).
+            tiny:llava / tiny:qwen2_5_vl build a tiny offline one, tiny:llava-pretrained is the shipped one).
         columns: column renames, e.g. {"images": "image", "problem": "question", "id": "pid"}; a row's id column is its
             sample id (in batches and errors), else "split-row".
         val_fraction: share of train carved out as validation when the source has no validation split.

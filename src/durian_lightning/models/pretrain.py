@@ -49,8 +49,8 @@ class PretrainSettings:
     hidden: int = 128
     num_layers: int = 3
     vocab_size: int = 1024
-    caption_steps: int = 1500
-    instruction_steps: int = 1500
+    caption_steps: int = 1200
+    instruction_steps: int = 1200
     batch_size: int = 32
     learning_rate: float = 2e-3
     caption_share_in_instruction: float = 0.25
