@@ -3,8 +3,9 @@
     .venv/bin/python benchmarks/learning_experiment.py                 # all configs x seeds 0 1 2, then the report
     .venv/bin/python benchmarks/learning_experiment.py --report-only   # redraw the report from finished runs
 
-Each (config, seed) is one `durian fit` on the offline default (configs/default.yaml: tiny LLaVA-style VLM with the
-format warm-start, G = 8, 8 prompts per step, LoRA, lr 1e-3) for ``--epochs`` epochs (default 6: 300 steps), followed by a greedy test
+Each (config, seed) is one `durian fit` on the offline default (configs/default.yaml) with the model it had when
+these results were recorded (``FORMAT_MODEL``: tiny LLaVA-style VLM with the format warm-start, G = 8, 8 prompts
+per step, LoRA, lr 1e-3, 24 new tokens) for ``--epochs`` epochs (default 6: 300 steps), followed by a greedy test
 evaluation, in its own process with one torch thread (two such processes side by side use a 2-core CPU better than
 one process with two threads). Every run sees the same prompts in the same number of rollouts, so compute is equal;
 with DAPO's dynamic sampling fewer of those rollouts turn into updates.
@@ -27,6 +28,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+# The model and settings the recorded results used (the default config has since moved to tiny:llava-pretrained)
+FORMAT_MODEL = ["--model.model_name_or_path", "tiny:llava-format", "--model.optimization.learning_rate", "0.001",
+                "--model.rollout.max_new_tokens", "24"]
 GRPO_LOSS = ["--model.loss.preset", "grpo", "--model.loss.kl_coef", "0.0"]  # the default config's loss (no KL, as on CPU)
 DAPO_LOSS = ["--model.loss.preset", "dapo", "--model.optimization.dynamic_sampling", "true"]
 CONFIGS: dict[str, list[str]] = {
@@ -55,7 +59,7 @@ def run_one(name: str, seed: int, epochs: int, out: Path) -> dict:
     shutil.rmtree(run_dir, ignore_errors=True)  # an interrupted attempt's metrics must not mix into this one
     start = time.perf_counter()
     cli = run_cli([
-        "fit", *CONFIGS[name], "--seed_everything", str(seed), "--trainer.max_epochs", str(epochs),
+        "fit", *FORMAT_MODEL, *CONFIGS[name], "--seed_everything", str(seed), "--trainer.max_epochs", str(epochs),
         "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", str(run_dir),
         "--trainer.logger.name", "", "--trainer.logger.version", "", "--trainer.enable_progress_bar", "false",
         "--trainer.enable_checkpointing", "false", "--trainer.enable_model_summary", "false",

@@ -39,9 +39,7 @@ COLUMNS = ("left", "center-left", "center-right", "right")
 GRID = 4
 
 RL_TYPES = ("count", "total", "color", "sum")
-INSTRUCTION_TYPES = (
-    "present", "all_same_color", "count_color", "count_shape", "distinct_colors", "shape_of_color", "shape_at", "color_at",
-)
+INSTRUCTION_TYPES = ("present", "all_same_color", "count_color", "distinct_colors", "shape_of_color", "shape_at", "color_at")
 
 
 @dataclass(frozen=True)
@@ -142,10 +140,6 @@ def _focused_sample(rng: random.Random, scene: Scene) -> tuple[str, str, str, st
         matches = [o for o in objects if o.shape == target.shape]
         answer = "yes" if all(o.color == color for o in matches) else "no"
         return kind, f"Are all the {plural(target.shape)} {color}?", listing(plural(target.shape), matches), answer
-    if kind == "count_shape":
-        shape = rng.choice(objects).shape if rng.random() < 0.8 else rng.choice(SHAPES)
-        matches = [o for o in objects if o.shape == shape]
-        return kind, f"How many {plural(shape)} are there in the image?", listing(plural(shape), matches), str(len(matches))
     if kind == "distinct_colors":
         answer = str(len({o.color for o in objects}))
         return kind, "How many different colors are there in the image?", listing("shapes", list(objects)), answer
