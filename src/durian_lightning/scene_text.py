@@ -124,6 +124,8 @@ def instruction_sample(rng: random.Random, scene: Scene) -> tuple[str, str, str,
 
 
 def _focused_sample(rng: random.Random, scene: Scene) -> tuple[str, str, str, str]:
+    """One instruction question with the reasoning about its own subject only (:func:`instruction_sample` adds the
+    full listing in front). Random draws happen in a fixed order: the shipped weights depend on it."""
     objects = scene.objects
     unique_colors = [o for o in objects if sum(p.color == o.color for p in objects) == 1]
     kinds = [k for k in INSTRUCTION_TYPES if k != "shape_of_color" or unique_colors]
