@@ -90,8 +90,7 @@ TINY = dict(hidden=32, num_layers=1, vocab_size=600, caption_steps=2, instructio
 
 
 def test_pretraining_is_deterministic_and_trains_every_part(tmp_path):
-    from durian_lightning.models.pretrain import PretrainSettings, build_pretrained_llava, save, weights_sha256
-    from durian_lightning.models.tiny import build_tiny_llava
+    from durian_lightning.models.pretrain import PretrainSettings, base_model, build_pretrained_llava, save, weights_sha256
 
     settings = PretrainSettings(**TINY)
     first = save(*build_pretrained_llava(settings), tmp_path / "a", settings)
@@ -99,8 +98,7 @@ def test_pretraining_is_deterministic_and_trains_every_part(tmp_path):
     assert weights_sha256(first) == weights_sha256(second)
     assert json.loads((first / "manifest.json").read_text())["sha256"] == weights_sha256(first)
     trained, _ = build_pretrained_llava(settings)
-    untrained, _ = build_tiny_llava(vision_hidden=32, text_hidden=32, num_layers=1, vocab_size=600, seed=settings.seed,
-                                    corpus=__import__("durian_lightning.scene_text", fromlist=["x"]).vocabulary_corpus())
+    untrained, _ = base_model(settings)
     before = dict(untrained.named_parameters())
     for part in ("vision_tower", "multi_modal_projector", "language_model"):
         changed = [n for n, p in trained.named_parameters() if part in n and not torch.equal(p, before[n])]

@@ -30,3 +30,8 @@ def build_messages(problem: str, num_images: int, system_prompt: str | None, ins
         content.append({"type": "text", "text": ("\n" if content and content[-1]["type"] == "text" else "") + instruction})
     messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
     return messages + [{"role": "user", "content": content}]
+
+
+def render_prompt(processor, messages: list[dict]) -> str:
+    """The prompt text the model continues: ``messages`` in the processor's chat template, assistant turn opened."""
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)

@@ -8,6 +8,7 @@ chat template, or None without a model), plus ``visual_entropy`` as a float tens
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import warnings
@@ -21,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..difficulty import percentile_thresholds
 from ..models.loading import resolve_model_path
-from ..prompts import DEFAULT_INSTRUCTION, DEFAULT_SYSTEM_PROMPT, build_messages
+from ..prompts import DEFAULT_INSTRUCTION, DEFAULT_SYSTEM_PROMPT, build_messages, render_prompt
 from .entropy_cache import EntropyCache
 from .images import ImageError, content_hash, image_bytes, open_image
 from .resumable import ResumableDataLoader
@@ -342,9 +343,7 @@ class MultimodalReasoningDataModule(L.LightningDataModule):
         if split not in self.samples:
             raise ValueError(f"split {split!r} not available; have {sorted(self.samples)} (set val_fraction / test_fraction?)")
         processor = self.processor()
-        template = (
-            (lambda m: processor.apply_chat_template(m, add_generation_prompt=True, tokenize=False)) if processor else None
-        )
+        template = functools.partial(render_prompt, processor) if processor else None
         return ReasoningDataset(
             self.samples[split], self.hparams.system_prompt, self.hparams.instruction, self.hparams.max_image_side, template
         )

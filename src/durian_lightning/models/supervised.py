@@ -11,10 +11,6 @@ import torch
 from PIL import Image
 
 
-def prompt_text(processor, messages: list[dict]) -> str:
-    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-
-
 def supervised_loss(model, processor, images: Sequence[Image.Image], prompts: Sequence[str], targets: Sequence[str]) -> torch.Tensor:
     """Mean cross-entropy of ``targets`` (each followed by EOS) given image and prompt; prompt and padding masked."""
     tokenizer = processor.tokenizer

@@ -14,9 +14,9 @@ import random
 
 import torch
 
-from ..prompts import DEFAULT_INSTRUCTION, DEFAULT_SYSTEM_PROMPT, build_messages
+from ..prompts import DEFAULT_INSTRUCTION, DEFAULT_SYSTEM_PROMPT, build_messages, render_prompt
 from ..scenes import COLORS, make_sample
-from .supervised import prompt_text, supervised_loss
+from .supervised import supervised_loss
 
 ANSWERS = [str(n) for n in range(9)] + list(COLORS)
 TARGET = "<think>I look at the shapes.</think> \\boxed{{{answer}}}"
@@ -34,7 +34,7 @@ def format_warmstart(model, processor, steps: int = 150, batch_size: int = 16, l
             for _ in range(batch_size):
                 image, row = make_sample(rng)
                 images.append(image)
-                prompts.append(prompt_text(processor, build_messages(row["problem"], 1, DEFAULT_SYSTEM_PROMPT, DEFAULT_INSTRUCTION)))
+                prompts.append(render_prompt(processor, build_messages(row["problem"], 1, DEFAULT_SYSTEM_PROMPT, DEFAULT_INSTRUCTION)))
                 targets.append(TARGET.format(answer=rng.choice(ANSWERS)))
             loss = supervised_loss(model, processor, images, prompts, targets)
             optimizer.zero_grad()
