@@ -646,6 +646,40 @@ def test_accuracy_per_source_and_question_type_with_the_answer_prior_beside_it(t
         assert float(metrics[f"val/answer_prior_question_type_{question_type}"]) == pytest.approx(prior[question_type])
 
 
+def even_length_reward(completions, answers, **fields):
+    """A 0/1 reward that random tiny models get right about half of the time."""
+    return [float(len(c) % 2 == 0) for c in completions]
+
+
+def test_sampled_mean_and_pass_at_k_by_hand():
+    from durian_lightning.evaluation import sampled_accuracy
+
+    # 3 prompts x k = 4: two right of four; none; all four
+    correct = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0])
+    values = sampled_accuracy(correct, 4)
+    assert values["mean_at_k"].tolist() == [0.5, 0.0, 1.0]
+    assert values["pass_at_k"].tolist() == [1.0, 0.0, 1.0]
+    with pytest.raises(ValueError, match="not k = 4 per prompt"):
+        sampled_accuracy(correct[:10], 4)
+
+
+def test_validation_logs_mean_and_pass_at_k_of_sampled_completions(tmp_path):
+    data = small_data_folder(tmp_path / "data", 8)
+    cli = run_cli(["validate", *fit_args(tmp_path, "tiny:llava", "--data.source", str(data), "--data.eval_batch_size", "8",
+                                         "--model.reward.functions", "[tests.test_training:even_length_reward]",
+                                         "--model.evaluation.samples", "4", "--seed_everything", "2")])
+    records = cli.model.eval_records
+    metrics = cli.trainer.callback_metrics
+    means, passes = [r["mean@k"] for r in records], [r["pass@k"] for r in records]
+    n = 8
+    assert len(records) == n and {m * 4 for m in means} <= {0.0, 1.0, 2.0, 3.0, 4.0}
+    assert 0.0 < sum(means) / n < 1.0  # the samples disagree, so the checks below can fail
+    assert passes == [float(m > 0) for m in means]
+    assert float(metrics["val/mean@4"]) == pytest.approx(sum(means) / n)
+    assert float(metrics["val/pass@4"]) == pytest.approx(sum(passes) / n)
+    assert "val/accuracy" in metrics  # the greedy accuracy is still there
+
+
 def test_gradient_checkpointing_gives_the_same_update(tmp_path):
     args = ["--seed_everything", "3", "--model.reward.functions", "[tests.test_training:length_reward]",
             "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0"]

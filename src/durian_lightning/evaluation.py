@@ -13,9 +13,10 @@ from .scoring import ScoredRollouts
 
 # one metric per name and stage; every rank updates every one (an absent group is an empty update) so they sync as one
 METRIC_NAMES = ("accuracy", "reward", *(f"accuracy_perceptual_{k}" for k in range(3)))
+SAMPLED_METRIC_NAMES = ("mean_at_k", "pass_at_k")  # logged as mean@k / pass@k when evaluation.samples = k > 0
 
 
-def _correct(scored: ScoredRollouts) -> torch.Tensor:
+def correctness(scored: ScoredRollouts) -> torch.Tensor:
     """The accuracy reward when there is one, else the total reward."""
     return scored.reward_components.get("accuracy", scored.rewards)
 
@@ -24,16 +25,26 @@ def metric_updates(
     scored: ScoredRollouts, percentiles: Sequence[float], thresholds: torch.Tensor | None
 ) -> dict[str, torch.Tensor]:
     """The values each of :data:`METRIC_NAMES` averages, for one evaluation batch (perceptual group 0 = simplest)."""
-    correct = _correct(scored)
+    correct = correctness(scored)
     groups = perceptual_groups(scored.visual_entropy, percentiles, thresholds).to(correct.device)
     return {"accuracy": correct, "reward": scored.rewards,
             **{f"accuracy_perceptual_{k}": correct[groups == k] for k in range(3)}}
 
 
+def sampled_accuracy(correct: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
+    """Per prompt, from the correctness of k sampled completions (k consecutive rows per prompt): mean@k, their mean
+    (the expected accuracy of one sample), and pass@k, 1 when at least one is right (with exactly k samples this is
+    the unbiased pass@k estimate)."""
+    if correct.numel() % k:
+        raise ValueError(f"{correct.numel()} completions are not k = {k} per prompt")
+    per_prompt = correct.view(-1, k)
+    return {"mean_at_k": per_prompt.mean(1), "pass_at_k": (per_prompt > 0).any(1).to(correct.dtype)}
+
+
 def sample_records(scored: ScoredRollouts, batch: dict[str, Any]) -> list[dict[str, Any]]:
     """One record per sample: correctness, difficulty scores, completion and answer, and the breakdown columns
     (:data:`BREAKDOWNS`) the batch has."""
-    correct = _correct(scored)
+    correct = correctness(scored)
     return [
         {"id": scored.ids[i], "problem": scored.problems[i], "answer": scored.answers[i],
          "completion": scored.rollout.completions[i], "correct": float(correct[i]),

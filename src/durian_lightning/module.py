@@ -26,7 +26,17 @@ from .advantages import AdvantageSettings, get_estimator
 from .answer_prior import answer_prior_accuracy, most_frequent_answers
 from .checkpointing import restore_rng_state, rng_states, seed_rank, trainable_state
 from .dynamic_sampling import PromptBuffer
-from .evaluation import BREAKDOWNS, METRIC_NAMES, accuracy_by, metric_updates, prediction_rows, sample_records
+from .evaluation import (
+    BREAKDOWNS,
+    METRIC_NAMES,
+    SAMPLED_METRIC_NAMES,
+    accuracy_by,
+    correctness,
+    metric_updates,
+    prediction_rows,
+    sample_records,
+    sampled_accuracy,
+)
 from .global_batch import UpdateRecord, gather_global_batch
 from .models.loading import load_policy
 from .models.reference import ReferencePolicy
@@ -96,7 +106,8 @@ class DurianGRPO(L.LightningModule):
         self._phase_seconds: dict[str, float] = {}
         # accuracy overall and per perceptual group (0 simple .. 2 complex images), for validation and test
         self.eval_metrics = torch.nn.ModuleDict({
-            f"{stage}_{name}": torchmetrics.MeanMetric() for stage in ("val", "test") for name in METRIC_NAMES
+            f"{stage}_{name}": torchmetrics.MeanMetric()
+            for stage in ("val", "test") for name in (*METRIC_NAMES, *SAMPLED_METRIC_NAMES)
         })
         self.eval_records: list[dict[str, Any]] = []  # per-sample evaluation results, for the error-vs-difficulty callback
 
@@ -284,12 +295,12 @@ class DurianGRPO(L.LightningModule):
             return datamodule.entropy_thresholds(self.advantages.percentiles)
         return None
 
-    def _generate_once(self, batch: dict[str, Any]) -> ScoredRollouts:
-        """One completion per prompt (greedy unless ``evaluation.do_sample``), scored."""
-        generated = generate_rollouts(self.model, self.processor, batch["prompt"], batch["images"], 1,
-                                      self.evaluation.sampling(self.rollout), self.rollout.max_prompt_length, batch["id"],
-                                      self.rollout.max_sequences_per_generate)
-        return score_rollouts(generated, batch, self.reward, 1, self.advantages.confidence_reduction, self.device)
+    def _generate_once(self, batch: dict[str, Any], k: int = 1, do_sample: bool | None = None) -> ScoredRollouts:
+        """``k`` completions per prompt (one, greedy unless ``evaluation.do_sample``, by default), scored."""
+        generated = generate_rollouts(self.model, self.processor, batch["prompt"], batch["images"], k,
+                                      self.evaluation.sampling(self.rollout, do_sample), self.rollout.max_prompt_length,
+                                      batch["id"], self.rollout.max_sequences_per_generate)
+        return score_rollouts(generated, batch, self.reward, k, self.advantages.confidence_reduction, self.device)
 
     def _evaluate(self, batch: dict[str, Any], stage: str) -> None:
         scored = self._generate_once(batch)
@@ -297,7 +308,16 @@ class DurianGRPO(L.LightningModule):
             metric = self.eval_metrics[f"{stage}_{name}"]
             metric.update(values)
             self.log(f"{stage}/{name}", metric, prog_bar=name == "accuracy")
-        self.eval_records.extend(sample_records(scored, batch))
+        records = sample_records(scored, batch)
+        if k := self.evaluation.samples:
+            sampled = self._generate_once(batch, k, do_sample=True)
+            for name, values in sampled_accuracy(correctness(sampled), k).items():
+                metric = self.eval_metrics[f"{stage}_{name}"]
+                metric.update(values)
+                self.log(f"{stage}/{name.split('_')[0]}@{k}", metric)
+                for record, value in zip(records, values.tolist()):
+                    record[f"{name.split('_')[0]}@k"] = value
+        self.eval_records.extend(records)
 
     def _log_breakdowns(self, stage: str) -> None:
         """Accuracy per source and per question type, and the answer-prior baseline beside each, over every rank's

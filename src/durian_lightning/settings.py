@@ -115,16 +115,24 @@ class EvaluationSettings:
         do_sample: sample at the rollout temperature instead of greedy decoding.
         top_p: nucleus sampling threshold when sampling (1.0 = off).
         top_k: top-k sampling when sampling (0 = off).
+        samples: k > 0 also samples k completions per prompt at the rollout temperature and logs mean@k (their mean
+            accuracy: finer-grained than one greedy answer) and pass@k (whether any is right); 0 = off.
     """
 
     max_new_tokens: int | None = None
     do_sample: bool = False
     top_p: float = 1.0
     top_k: int = 0
+    samples: int = 0
 
-    def sampling(self, rollout: RolloutSettings) -> SamplingConfig:
+    def __post_init__(self) -> None:
+        if self.samples < 0:
+            raise ValueError(f"evaluation.samples must be >= 0 (0 = greedy only), got {self.samples}")
+
+    def sampling(self, rollout: RolloutSettings, do_sample: bool | None = None) -> SamplingConfig:
+        do_sample = self.do_sample if do_sample is None else do_sample
         return SamplingConfig(self.max_new_tokens or rollout.max_new_tokens, rollout.temperature, self.top_p,
-                              self.top_k, do_sample=self.do_sample)
+                              self.top_k, do_sample=do_sample)
 
 
 @dataclass(frozen=True)
