@@ -2,16 +2,23 @@
 
     .venv/bin/python benchmarks/learning_experiment.py                 # all configs x seeds 0 1 2, then the report
     .venv/bin/python benchmarks/learning_experiment.py --report-only   # redraw the report from finished runs
+    python benchmarks/learning_experiment.py --accelerator gpu --workers 12   # on one GPU, many runs side by side
 
-Each (config, seed) is one `durian fit` on the offline default (configs/default.yaml) with the model it had when
-these results were recorded (``FORMAT_MODEL``: tiny LLaVA-style VLM with the format warm-start, G = 8, 8 prompts
-per step, LoRA, lr 1e-3, 24 new tokens) for ``--epochs`` epochs (default 6: 300 steps), followed by a greedy test
-evaluation, in its own process with one torch thread (two such processes side by side use a 2-core CPU better than
-one process with two threads). Every run sees the same prompts in the same number of rollouts, so compute is equal;
-with DAPO's dynamic sampling fewer of those rollouts turn into updates.
+Each (config, seed) is one `durian fit` on the offline default (configs/default.yaml) with a setup's overrides, then
+a test evaluation (greedy, and mean@8 / pass@8 of 8 samples per prompt), in its own process with one torch thread.
+Setups (``--setup``):
 
-A finished run leaves ``runs/<config>-seed<k>.json``; rerunning skips it, so an interrupted experiment resumes.
-The report (``summary.json``, ``learning_curves.png``, the markdown tables printed at the end) reads only those files.
+- ``pretrained`` (default): the shipped pretrained and instruction-tuned tiny VLM, rollout batches of 32 prompts
+  with b = 8 reasoning groups (several prompts per confidence group, as in the paper's large batches), G = 8,
+  lr 3e-4, 72 new tokens; ``--epochs`` (default 12: 156 updates).
+- ``format``: the earlier model the first recorded results used (tiny LLaVA-style VLM with a random vision tower
+  and the format warm-start, 8 prompts per step, b = 4, lr 1e-3, 24 new tokens; ``--epochs 6``: 300 steps), so
+  that table stays reproducible.
+
+Every run sees the same prompts in the same number of rollouts, so compute is equal; with DAPO's dynamic sampling
+fewer of those rollouts turn into updates. A finished run leaves ``runs/<config>-seed<k>.json``; rerunning skips
+it, so an interrupted experiment resumes. The report (``summary.json``, ``learning_curves.png``, the markdown tables
+printed at the end) reads only those files.
 """
 
 from __future__ import annotations
@@ -28,9 +35,13 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-# The model and settings the recorded results used (the default config has since moved to tiny:llava-pretrained)
-FORMAT_MODEL = ["--model.model_name_or_path", "tiny:llava-format", "--model.optimization.learning_rate", "0.001",
-                "--model.rollout.max_new_tokens", "24"]
+SETUPS: dict[str, list[str]] = {
+    "pretrained": ["--data.batch_size", "32", "--model.advantages.num_reasoning_groups", "8"],
+    # the model and settings the first recorded results used
+    "format": ["--model.model_name_or_path", "tiny:llava-format", "--model.optimization.learning_rate", "0.001",
+               "--model.rollout.max_new_tokens", "24"],
+}
+TEST_SAMPLES = 8  # mean@8 / pass@8 on the test split
 GRPO_LOSS = ["--model.loss.preset", "grpo", "--model.loss.kl_coef", "0.0"]  # the default config's loss (no KL, as on CPU)
 DAPO_LOSS = ["--model.loss.preset", "dapo", "--model.optimization.dynamic_sampling", "true"]
 CONFIGS: dict[str, list[str]] = {
@@ -49,30 +60,44 @@ CONFIGS: dict[str, list[str]] = {
 # ------------------------------------------------------------------------------------------------ one run
 
 
-def run_one(name: str, seed: int, epochs: int, out: Path) -> dict:
+def run_one(name: str, seed: int, epochs: int, out: Path, setup: str = "pretrained", accelerator: str = "cpu") -> dict:
     """Train one config with one seed, evaluate on the test split, and summarise the run's metrics."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from dataclasses import replace
+
+    import torch
+
     from durian_lightning.callbacks import error_by_difficulty
     from durian_lightning.cli import run_cli
+    from durian_lightning.difficulty import perceptual_groups
 
     run_dir = out / "logs" / f"{name}-seed{seed}"
     shutil.rmtree(run_dir, ignore_errors=True)  # an interrupted attempt's metrics must not mix into this one
     start = time.perf_counter()
     cli = run_cli([
-        "fit", *FORMAT_MODEL, *CONFIGS[name], "--seed_everything", str(seed), "--trainer.max_epochs", str(epochs),
+        "fit", *SETUPS[setup], *CONFIGS[name], "--seed_everything", str(seed), "--trainer.max_epochs", str(epochs),
+        "--trainer.accelerator", accelerator,
         "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", str(run_dir),
         "--trainer.logger.name", "", "--trainer.logger.version", "", "--trainer.enable_progress_bar", "false",
         "--trainer.enable_checkpointing", "false", "--trainer.enable_model_summary", "false",
         "--data.source", str(REPO / "data" / "synthetic"), "--data.progress", "false",
     ])
     fit_seconds = time.perf_counter() - start
+    cli.model.evaluation = replace(cli.model.evaluation, samples=TEST_SAMPLES)
     test = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)[0]
     thresholds = cli.datamodule.entropy_thresholds(cli.model.advantages.percentiles)
     records = cli.model.eval_records
     question_type = _question_types(REPO / "data" / "synthetic" / "test.jsonl")
-    by_type: dict[str, list[float]] = {}
-    for r in records:
-        by_type.setdefault(question_type[r["id"]], []).append(r["correct"])
+
+    def by_type(key: str) -> dict[str, float]:
+        values: dict[str, list[float]] = {}
+        for r in records:
+            values.setdefault(question_type[r["id"]], []).append(r[key])
+        return {k: sum(v) / len(v) for k, v in sorted(values.items())}
+
+    groups = perceptual_groups(torch.tensor([r["visual_entropy"] for r in records]), cli.model.advantages.percentiles,
+                               thresholds).tolist()
+    mean_by_group = {k: [r["mean@k"] for r, g in zip(records, groups) if g == k] for k in range(3)}
     rows = list(csv.DictReader(open(run_dir / "metrics.csv")))
 
     def series(key: str) -> list[tuple[int, float]]:
@@ -89,8 +114,12 @@ def run_one(name: str, seed: int, epochs: int, out: Path) -> dict:
         # over the prompts that were updated on (with dynamic sampling: the informative ones only)
         "extreme_curve": series("difficulty/extreme_ratio"),
         "test_accuracy": test["test/accuracy"],
+        "test_mean_at_8": test[f"test/mean@{TEST_SAMPLES}"],
+        "test_pass_at_8": test[f"test/pass@{TEST_SAMPLES}"],
         "test_accuracy_by_perceptual_group": {k: test.get(f"test/accuracy_perceptual_{k}") for k in range(3)},
-        "test_accuracy_by_question_type": {k: sum(v) / len(v) for k, v in sorted(by_type.items())},
+        "test_mean_at_8_by_perceptual_group": {k: sum(v) / len(v) for k, v in mean_by_group.items() if v},
+        "test_accuracy_by_question_type": by_type("correct"),
+        "test_mean_at_8_by_question_type": by_type("mean@k"),
         "test_error_by_difficulty": error_by_difficulty(records, thresholds),
     }
     result["final_val_accuracy"] = result["val_curve"][-1][1]
@@ -110,11 +139,20 @@ def _question_types(jsonl: Path) -> dict[str, str]:
 # ------------------------------------------------------------------------------------------------ the sweep
 
 
-def sweep(configs: list[str], seeds: list[int], epochs: int, workers: int, out: Path) -> None:
-    """Run every missing (config, seed) in ``workers`` processes of one torch thread each, showing progress."""
-    from durian_lightning.models.loading import resolve_model_path
+def warm_up(setup: str, accelerator: str, out: Path) -> None:
+    """Build the setup's model and fill the entropy cache once, before the runs start side by side."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from durian_lightning.cli import run_cli
 
-    resolve_model_path("tiny:llava-format")  # build the shared tiny model once, before processes race for it
+    run_cli(["validate", *SETUPS[setup], "--trainer.accelerator", accelerator, "--trainer.limit_val_batches", "0",
+             "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+             "--trainer.default_root_dir", str(out / "logs" / "warm-up"),
+             "--data.source", str(REPO / "data" / "synthetic"), "--data.progress", "false"])
+
+
+def sweep(configs: list[str], seeds: list[int], epochs: int, workers: int, out: Path, setup: str, accelerator: str) -> None:
+    """Run every missing (config, seed) in ``workers`` processes of one torch thread each, showing progress."""
+    warm_up(setup, accelerator, out)
     todo = [(c, s) for s in seeds for c in configs if not (out / "runs" / f"{c}-seed{s}.json").is_file()]
     total, done, running = len(todo), 0, []
     print(f"{total} runs to do ({len(configs) * len(seeds) - total} already finished) in {out}", flush=True)
@@ -125,7 +163,8 @@ def sweep(configs: list[str], seeds: list[int], epochs: int, workers: int, out: 
         while todo and len(running) < workers:
             config, seed = todo.pop(0)
             log = open(out / "logs" / f"{config}-seed{seed}.log", "w")
-            command = [sys.executable, __file__, "--one", config, "--seed", str(seed), "--epochs", str(epochs), "--out", str(out)]
+            command = [sys.executable, __file__, "--one", config, "--seed", str(seed), "--epochs", str(epochs), "--out",
+                       str(out), "--setup", setup, "--accelerator", accelerator]
             running.append((config, seed, subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT), log))
         time.sleep(2)
         for item in list(running):
@@ -165,8 +204,9 @@ def report(configs: list[str], out: Path) -> dict:
         steps = max(s for r in results for s, _ in r["train_accuracy_curve"]) + 1
         epoch = steps // results[0]["epochs"]
         row = {"seeds": [r["seed"] for r in results], "updates": _mean_std([r["updates"] for r in results])[0]}
-        for key in ("final_val_accuracy", "test_accuracy", "fit_seconds"):
-            row[key] = _mean_std([r[key] for r in results])
+        for key in ("final_val_accuracy", "test_accuracy", "test_mean_at_8", "test_pass_at_8", "fit_seconds"):
+            if all(key in r for r in results):  # the format setup's recorded runs predate mean@8
+                row[key] = _mean_std([r[key] for r in results])
         row["val_accuracy_after_epoch_1"] = _mean_std([r["val_curve"][0][1] for r in results])
         # the sampled policy's accuracy: less coarse than one greedy answer per question
         row["train_accuracy_first_epoch"] = _mean_std([_window_mean(r["train_accuracy_curve"], 0, epoch) for r in results])
@@ -175,7 +215,10 @@ def report(configs: list[str], out: Path) -> dict:
             for label, (a, b) in (("first_epoch", (0, epoch)), ("last_epoch", (steps - epoch, steps))):
                 values = [v for r in results if (v := _window_mean(r[curve], a, b)) is not None]
                 row[f"{key}_{label}"] = _mean_std(values) if values else None
-        for key in ("test_error_by_difficulty", "test_accuracy_by_question_type"):
+        for key in ("test_error_by_difficulty", "test_accuracy_by_question_type", "test_mean_at_8_by_question_type",
+                    "test_mean_at_8_by_perceptual_group"):
+            if not all(key in r for r in results):
+                continue
             names = sorted({k for r in results for k in r[key]})
             row[key] = {k: _mean_std([r[key][k] for r in results if k in r[key]]) for k in names}
         summary[config] = row
@@ -183,10 +226,11 @@ def report(configs: list[str], out: Path) -> dict:
     prior = answer_prior()
     (out / "answer_prior.json").write_text(json.dumps(prior, indent=1))
     _draw(runs, out / "learning_curves.png")
-    print(_markdown(summary))
-    print("\nAnswer prior (each question type's most frequent training answer, no image): " + "; ".join(
+    text = _markdown(summary) + "\n\nAnswer prior (each question type's most frequent training answer, no image): " + "; ".join(
         f"{split} {accuracy['overall']:.3f} (" + ", ".join(f"{t} {a:.3f}" for t, a in accuracy.items() if t != "overall") + ")"
-        for split, accuracy in prior.items()))
+        for split, accuracy in prior.items())
+    (out / "report.md").write_text(text + "\n")
+    print(text)
     return summary
 
 
@@ -225,6 +269,37 @@ def _markdown(summary: dict) -> str:
         types = row["test_accuracy_by_question_type"]
         lines.append(f"| {config} | " + " | ".join(f"{errors[k][0]:.2f}" for k in entropy) + " | "
                      + " | ".join(f"{1 - types[t][0]:.2f}" if t in types else "n/a" for t in ("color", "count", "sum", "total")) + " |")
+    if all("test_mean_at_8" in row for row in summary.values()):
+        lines += ["", "Test mean@8 (8 samples per prompt at temperature 1) per question type and per perceptual group "
+                  "(0 = simplest images), mean ± std over seeds:", "",
+                  "| config | mean@8 | pass@8 | color | count | sum | total | H group 0 | H group 1 | H group 2 |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for config, row in summary.items():
+            types, groups = row["test_mean_at_8_by_question_type"], row["test_mean_at_8_by_perceptual_group"]
+            lines.append(f"| {config} | {ms(row['test_mean_at_8'])} | {ms(row['test_pass_at_8'])} | "
+                         + " | ".join(ms(types.get(t)) for t in ("color", "count", "sum", "total")) + " | "
+                         + " | ".join(ms(groups.get(str(k), groups.get(k))) for k in range(3)) + " |")
+        lines += ["", _differences(summary)]
+    return "\n".join(lines)
+
+
+def _differences(summary: dict, baseline: str = "grpo") -> str:
+    """Each config against the baseline: the difference of seed means, and whether it exceeds the seed spread (the
+    sum of the two standard deviations, a deliberately cautious reading for 3-5 seeds)."""
+    if baseline not in summary:
+        return ""
+    lines = [f"Against {baseline} (difference of means; 'yes' where it is larger than std({baseline}) + std(config)):", "",
+             "| config | Δ greedy test accuracy | larger than the spread | Δ test mean@8 | larger than the spread |",
+             "|---|---|---|---|---|"]
+    base = summary[baseline]
+    for config, row in summary.items():
+        if config == baseline:
+            continue
+        cells = []
+        for key in ("test_accuracy", "test_mean_at_8"):
+            delta = row[key][0] - base[key][0]
+            cells += [f"{delta:+.3f}", "yes" if abs(delta) > row[key][1] + base[key][1] else "no"]
+        lines.append(f"| {config} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -265,19 +340,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--setup", choices=list(SETUPS), default="pretrained")
+    parser.add_argument("--epochs", type=int, help="default: 12 (pretrained), 6 (format)")
     parser.add_argument("--workers", type=int, default=2, help="runs side by side, one torch thread each")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "learning")
+    parser.add_argument("--accelerator", default="cpu", help="cpu, or gpu: every run on the one visible GPU")
+    parser.add_argument("--out", type=Path, help="default: results/learning-<setup> (results/learning for format)")
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--one", choices=list(CONFIGS), help=argparse.SUPPRESS)  # a single run (used by the sweep)
     parser.add_argument("--seed", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    epochs = args.epochs or {"pretrained": 12, "format": 6}[args.setup]
+    results = REPO / "benchmarks" / "results"
+    out = args.out or (results / "learning" if args.setup == "format" else results / f"learning-{args.setup}")
     if args.one:
-        run_one(args.one, args.seed, args.epochs, args.out)
+        run_one(args.one, args.seed, epochs, out, args.setup, args.accelerator)
         return
     if not args.report_only:
-        sweep(args.configs, args.seeds, args.epochs, args.workers, args.out)
-    report(args.configs, args.out)
+        sweep(args.configs, args.seeds, epochs, args.workers, out, args.setup, args.accelerator)
+    report(args.configs, out)
 
 
 if __name__ == "__main__":

@@ -62,15 +62,16 @@ def _train_tokenizer(vocab_size: int, chat_template: str = TINY_CHAT_TEMPLATE, c
     return fast
 
 
-def _text_config(tokenizer, hidden: int, num_layers: int) -> dict:
-    """The tiny Qwen2-style language model both builders share (4 heads of hidden/4, 2 KV heads)."""
+def _text_config(tokenizer, hidden: int, num_layers: int, num_heads: int = 4) -> dict:
+    """The tiny Qwen2-style language model both builders share (``num_heads`` heads of hidden/heads, half as many
+    KV heads)."""
     return dict(
         vocab_size=len(tokenizer),
         hidden_size=hidden,
         intermediate_size=2 * hidden,
         num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=num_heads,
+        num_key_value_heads=max(1, num_heads // 2),
         max_position_embeddings=1024,
         tie_word_embeddings=True,
     )
@@ -146,8 +147,11 @@ def build_tiny_qwen2_5_vl(
     vocab_size: int = 512,
     max_pixels: int = 112 * 112,
     seed: int = 0,
+    text_heads: int = 4,
+    vision_heads: int = 2,
 ):
-    """Build ``(model, processor)`` with the Qwen2.5-VL architecture (windowed ViT + patch merger, M-RoPE), tiny."""
+    """Build ``(model, processor)`` with the Qwen2.5-VL architecture (windowed ViT + patch merger, M-RoPE), tiny by
+    default; wider and deeper settings give a mid-size model of the same architecture (the GPU check uses one)."""
     from transformers import (
         Qwen2_5_VLConfig,
         Qwen2_5_VLForConditionalGeneration,
@@ -157,11 +161,11 @@ def build_tiny_qwen2_5_vl(
     )
 
     tokenizer = _train_tokenizer(vocab_size, QWEN_CHAT_TEMPLATE)
-    head_dim = text_hidden // 4
+    head_dim = text_hidden // text_heads
     quarter = head_dim // 2 // 4  # mrope_section must add up to head_dim / 2
     config = Qwen2_5_VLConfig(
         text_config=dict(
-            **_text_config(tokenizer, text_hidden, num_layers),
+            **_text_config(tokenizer, text_hidden, num_layers, text_heads),
             rope_scaling={"type": "mrope", "mrope_section": [head_dim // 2 - 2 * quarter, quarter, quarter]},
             bos_token_id=None,
             eos_token_id=tokenizer.eos_token_id,
@@ -171,7 +175,7 @@ def build_tiny_qwen2_5_vl(
             depth=num_layers,
             hidden_size=vision_hidden,
             intermediate_size=2 * vision_hidden,
-            num_heads=2,
+            num_heads=vision_heads,
             out_hidden_size=text_hidden,
             patch_size=patch_size,
             spatial_merge_size=2,
