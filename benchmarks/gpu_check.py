@@ -49,7 +49,7 @@ class StepMeter(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         torch.cuda.synchronize()
         update = pl_module.last_update
-        tokens = int(update.scored.rollout.completion_mask.sum()) if update is not None else 0
+        tokens = int(update.local.rollout.completion_mask.sum()) if update is not None else 0
         self.steps.append({
             "seconds": time.perf_counter() - self.start,
             "generate_seconds": pl_module._phase_seconds.get("generate", float("nan")),

@@ -50,6 +50,7 @@ def test_recipes_mirror_the_papers_setup(capsys, config):
     model, trainer = printed["model"], printed["trainer"]
     assert model["model_name_or_path"] == "Qwen/Qwen2.5-VL-7B-Instruct" and model["dtype"] == "bfloat16"
     assert trainer["accelerator"] == "gpu" and trainer["strategy"] == "ddp"
+    assert printed["validate_before_fit"] is True  # the starting accuracy, as verl and EasyR1 log it
     assert model["rollout"]["num_generations"] == 8
     assert model["optimization"]["learning_rate"] == 1e-6
     assert printed["data"]["batch_size"] * trainer["devices"] == 512

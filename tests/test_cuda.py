@@ -88,7 +88,7 @@ def test_bf16_mixed_trains_the_lora_adapter_in_float32_on_cuda(tmp_path, tiny_vl
     before = {n: p.detach().float().cpu().clone() for n, p in module.model.named_parameters() if p.requires_grad}
     trainer.fit(module, datamodule=data)
     trained = {n: p for n, p in module.model.named_parameters() if p.requires_grad}
-    assert trained and all(p.dtype == torch.float32 and p.is_cuda for p in trained.values())
+    assert trained and all(p.dtype == torch.float32 for p in trained.values())  # (Lightning moves the module back to the CPU after fit)
     assert any(not torch.equal(before[n], p.detach().cpu()) for n, p in trained.items())
     frozen = [p for p in module.model.parameters() if not p.requires_grad]
     assert frozen and all(p.dtype == torch.bfloat16 for p in frozen)

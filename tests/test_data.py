@@ -446,3 +446,14 @@ def test_qwen_style_model_through_the_datamodule(tmp_path, tiny_qwen_path):
     batch = next(iter(dm.train_dataloader()))
     assert "<|vision_start|><|image_pad|><|vision_end|>" in batch["prompt"][0]
     assert torch.isfinite(batch["visual_entropy"]).all()
+
+
+def test_a_relative_data_path_outside_its_working_directory_says_where_it_looked(tmp_path, monkeypatch):
+    from durian_lightning.data.sources import load_source
+
+    monkeypatch.chdir(tmp_path)  # as `durian fit` run outside the repository: data/synthetic is not here
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError) as raised:
+        load_source("data/synthetic")
+    message = str(raised.value)
+    assert "'data/synthetic'" in message and str(tmp_path) in message and "repository root" in message

@@ -112,6 +112,17 @@ def test_fit_and_validate_through_the_cli(tmp_path, model):
     assert "val/accuracy" in validated.trainer.callback_metrics
 
 
+def test_validation_before_the_first_update_is_logged_at_step_zero(tmp_path):
+    extra = ["--model.reward.functions", "[tests.test_training:length_reward]", "--seed_everything", "4"]
+    cli = run_cli(["fit", *fit_args(tmp_path / "fit", "tiny:llava", *extra, "--trainer.max_steps", "2",
+                                    "--trainer.val_check_interval", "2", "--validate_before_fit", "true")])
+    validations = [(int(r["step"]), float(r["val/reward"])) for r in metrics(cli.trainer) if r.get("val/reward")]
+    assert [step for step, _ in validations] == [0, 1]  # before the first update, then after the second
+    untrained = run_cli(["validate", *fit_args(tmp_path / "validate", "tiny:llava", *extra)])
+    assert validations[0][1] == pytest.approx(float(untrained.trainer.callback_metrics["val/reward"]))
+    assert validations[1][1] != pytest.approx(validations[0][1])  # training moved it: the two are not one pass
+
+
 class SnapshotAtTrainStart(L.Callback):
     """Every weight of the policy as it was when training started."""
 

@@ -73,6 +73,22 @@ def check_checkpoint(path) -> None:
 class DurianCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.model_name_or_path", "data.model_name_or_path")
+        parser.add_argument("--validate_before_fit", type=bool, default=False,
+                            help="fit only: one validation pass before the first update (logged at step 0), the "
+                                 "starting point every later validation is read against; skipped when resuming")
+
+    def before_fit(self) -> None:
+        config = self.config["fit"]
+        if not config.get("validate_before_fit") or config.get("ckpt_path") is not None:
+            return
+        # under no_grad, as fit's own validations run: metric states reset under inference mode could not be
+        # updated by them afterwards
+        loop = self.trainer.validate_loop
+        loop.inference_mode, inference_mode = False, loop.inference_mode
+        try:
+            self.trainer.validate(self.model, datamodule=self.datamodule)
+        finally:
+            loop.inference_mode = inference_mode
 
     def instantiate_trainer(self, **kwargs):
         config = self._get(self.config_init, "trainer", default={})

@@ -115,7 +115,15 @@ def load_source(source: str | os.PathLike | dict[str, str]) -> dict[str, RawSpli
         raise ValueError(f"data source {source} does not exist")
     import datasets
 
-    loaded = datasets.load_dataset(str(source))
+    try:
+        loaded = datasets.load_dataset(str(source))
+    except Exception as error:  # offline, a typo, or a folder looked for in the wrong working directory
+        raise ValueError(
+            f"data source {str(source)!r} is neither a file nor a folder under the working directory {os.getcwd()} "
+            f"nor a dataset the Hugging Face hub gave ({type(error).__name__}: {error}). Relative paths, like the "
+            "offline default's data/synthetic, are read from the working directory: run from the repository root or "
+            "pass --data.source with the data's full path"
+        ) from error
     return {_canonical(name): RawSplit(ds, None, f"{source}[{name}]") for name, ds in loaded.items()}
 
 
