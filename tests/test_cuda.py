@@ -18,6 +18,12 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 REPO = Path(__file__).resolve().parents[1]
 
 
+def length_reward(completions, answers, **fields):
+    """A dense reward, so that a random tiny model's rollouts get unequal rewards (defined here: this file must not
+    import the CLI, whose jsonargparse a bare GPU machine may lack)."""
+    return [len(c) / 100 for c in completions]
+
+
 def _bundled_rows(n: int) -> list[dict]:
     with open(REPO / "data" / "synthetic" / "val.jsonl") as f:
         return [json.loads(line) for line in f][:n]
@@ -78,7 +84,7 @@ def test_bf16_mixed_trains_the_lora_adapter_in_float32_on_cuda(tmp_path, tiny_vl
     data = MultimodalReasoningDataModule(str(folder), model_name_or_path=tiny_vlm_path, cache_dir=str(tmp_path / "cache"),
                                          batch_size=4, progress=False)
     module = DurianGRPO(tiny_vlm_path, dtype="bfloat16", rollout=RolloutSettings(num_generations=4, max_new_tokens=8),
-                        reward=RewardSettings(functions=["tests.test_training:length_reward"]),
+                        reward=RewardSettings(functions=["tests.test_cuda:length_reward"]),
                         optimization=OptimizationSettings(learning_rate=1e-3))
     L.seed_everything(0)
     trainer = L.Trainer(accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=2, logger=False,
