@@ -79,10 +79,12 @@ def test_fit_and_validate_through_the_cli(tmp_path, model):
     columns = set().union(*rows)
     for name in ["train/loss", "train/reward", "train/reward_format", "train/reward_accuracy", "difficulty/all_equal_ratio",
                  "train/reward_std", "train/completion_length_min", "train/completion_length_max", "train/truncated_fraction",
-                 "train/clip_fraction_low", "train/clip_fraction_high",
+                 "train/clip_fraction_low", "train/clip_fraction_high", "train/entropy",
                  "difficulty/extreme_ratio", "difficulty/max_abs_advantage_grpo", "difficulty/perceptual_0/shared_std",
                  "val/accuracy", "error/entropy_group_0"]:
         assert name in columns, name
+    entropies = [float(r["train/entropy"]) for r in rows if r.get("train/entropy")]
+    assert entropies and all(0 < e <= math.log(len(cli.model.processor.tokenizer)) for e in entropies)
     assert (Path(trainer.log_dir) / "error_vs_difficulty.png").is_file()
     import json
 
@@ -660,6 +662,33 @@ def test_accuracy_per_source_and_question_type_with_the_answer_prior_beside_it(t
 def even_length_reward(completions, answers, **fields):
     """A 0/1 reward that random tiny models get right about half of the time."""
     return [float(len(c) % 2 == 0) for c in completions]
+
+
+def test_the_sampling_distribution_entropy_by_hand():
+    import math
+
+    from durian_lightning.rollout import Rollout, SampledTokenLogprobs
+
+    # two rows, vocabulary of 2; step 1: p = (3/4, 1/4) and (1/2, 1/2); step 2: one token certain, then (1/2, 1/2)
+    steps = [torch.tensor([[math.log(3), 0.0], [0.0, 0.0]]), torch.tensor([[0.0, -math.inf], [5.0, 5.0]])]
+    recorder = SampledTokenLogprobs(temperature=1.0)
+    for step, scores in enumerate(steps):
+        recorder(torch.zeros(2, 3 + step, dtype=torch.long), scores)
+    entropy = recorder.entropy(torch.zeros(2, 2, dtype=torch.long))
+    quarter = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))  # 0.5623
+    assert entropy.flatten().tolist() == pytest.approx([quarter, 0.0, math.log(2), math.log(2)])
+    # at temperature 2 the first row's logits halve: p = (sqrt 3, 1) / (1 + sqrt 3)
+    hot = SampledTokenLogprobs(temperature=2.0)
+    hot(torch.zeros(1, 3, dtype=torch.long), steps[0][:1])
+    p = math.sqrt(3) / (1 + math.sqrt(3))
+    assert hot.entropy(torch.zeros(1, 1, dtype=torch.long)).item() == pytest.approx(-(p * math.log(p) + (1 - p) * math.log(1 - p)))
+    # the logged mean is over completion tokens only: (1 + 2 + 4) / 3
+    rollout = Rollout(prompts=["a", "b"], images=[[], []], completion_ids=torch.zeros(2, 3, dtype=torch.long),
+                      completion_mask=torch.tensor([[1, 1, 0], [1, 0, 0]]), completions=["", ""],
+                      sampled_logprobs=torch.zeros(2, 3), ended=torch.tensor([True, True]),
+                      token_entropy=torch.tensor([[1.0, 2.0, 9.0], [4.0, 9.0, 9.0]]))
+    assert rollout.mean_token_entropy() == pytest.approx(7 / 3)
+    assert Rollout.concat([rollout.select([1]), rollout.select([0])]).mean_token_entropy() == pytest.approx(7 / 3)
 
 
 def test_sampled_mean_and_pass_at_k_by_hand():

@@ -196,6 +196,7 @@ class DurianGRPO(L.LightningModule):
             "train/completion_length": float(lengths.mean()), "train/completion_length_min": float(lengths.min()),
             "train/completion_length_max": float(lengths.max()),
             "train/truncated_fraction": float(1 - scored.rollout.ended.float().mean()),
+            "train/entropy": scored.rollout.mean_token_entropy(),
             **{f"train/reward_{name}": float(values.mean()) for name, values in scored.reward_components.items()},
             **{f"perf/{phase}_s": seconds for phase, seconds in self._phase_seconds.items()},
         })

@@ -39,6 +39,7 @@ class Rollout:
     completions: list[str]  # (N,) decoded completion text (special tokens dropped)
     sampled_logprobs: torch.Tensor  # (N, T) log-prob of each token when it was sampled (float32), 0 after EOS
     ended: torch.Tensor  # (N,) bool: the completion ended with EOS (False: cut off at max_new_tokens)
+    token_entropy: torch.Tensor | None = None  # (N, T) entropy of the sampling distribution at each token, 0 after EOS
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -50,7 +51,7 @@ class Rollout:
             prompts=[self.prompts[i] for i in rows], images=[self.images[i] for i in rows],
             completion_ids=self.completion_ids[rows], completion_mask=self.completion_mask[rows],
             completions=[self.completions[i] for i in rows], sampled_logprobs=self.sampled_logprobs[rows],
-            ended=self.ended[rows],
+            ended=self.ended[rows], token_entropy=None if self.token_entropy is None else self.token_entropy[rows],
         )
 
     @staticmethod
@@ -64,7 +65,17 @@ class Rollout:
             completions=[c for part in parts for c in part.completions],
             sampled_logprobs=torch.cat([pad_completions(part.sampled_logprobs, width) for part in parts]),
             ended=torch.cat([part.ended for part in parts]),
+            token_entropy=None if any(part.token_entropy is None for part in parts)
+            else torch.cat([pad_completions(part.token_entropy, width) for part in parts]),
         )
+
+    def mean_token_entropy(self) -> float:
+        """The policy's entropy per completion token, averaged over every token of every row (TRL's ``entropy``,
+        verl's ``actor/entropy``): how far from deterministic the sampling still is. NaN when not recorded."""
+        if self.token_entropy is None:
+            return float("nan")
+        mask = self.completion_mask.to(self.token_entropy.device, torch.float32)
+        return float((self.token_entropy * mask).sum() / mask.sum().clamp(min=1))
 
 
 def pad_completions(values: torch.Tensor, width: int) -> torch.Tensor:
@@ -114,7 +125,8 @@ def _eos_ids(model, tokenizer) -> list[int]:
 
 class SampledTokenLogprobs(LogitsProcessor):
     """A ``generate`` logits processor that records the log-prob of every sampled token under softmax(logits / T)
-    (the distribution :func:`completion_logprobs` computes), then bans the placeholder tokens.
+    (the distribution :func:`completion_logprobs` computes) and that distribution's entropy
+    ``-sum_v p_v log p_v``, then bans the placeholder tokens.
 
     The token chosen at step t is known only at step t + 1 (the last of ``input_ids`` then), so one step of
     log-probs is kept (N x vocab, not T x N x vocab as ``output_logits`` would); :meth:`finish` reads the last token.
@@ -126,11 +138,13 @@ class SampledTokenLogprobs(LogitsProcessor):
         self.banned = list(banned_token_ids)
         self.previous: torch.Tensor | None = None
         self.recorded: list[torch.Tensor] = []
+        self.entropies: list[torch.Tensor] = []
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         if self.previous is not None:
             self.recorded.append(self.previous.gather(1, input_ids[:, -1:]).squeeze(1))
         self.previous = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        self.entropies.append(torch.special.entr(self.previous.exp()).sum(dim=-1))  # entr(p) = -p log p, 0 at p = 0
         if self.banned:
             scores = scores.clone()
             scores[:, self.banned] = -float("inf")
@@ -142,6 +156,13 @@ class SampledTokenLogprobs(LogitsProcessor):
             self.recorded.append(self.previous.gather(1, completion_ids[:, len(self.recorded)].unsqueeze(1)).squeeze(1))
         self.previous = None
         return torch.stack(self.recorded, dim=1) if self.recorded else completion_ids.new_zeros(completion_ids.shape, dtype=torch.float32)
+
+    def entropy(self, completion_ids: torch.Tensor) -> torch.Tensor:
+        """(N, T) entropy of the distribution each token of ``completion_ids`` was drawn from."""
+        width = completion_ids.shape[1]
+        if not self.entropies:
+            return completion_ids.new_zeros(completion_ids.shape, dtype=torch.float32)
+        return torch.stack(self.entropies[:width], dim=1)
 
 
 @contextlib.contextmanager
@@ -214,9 +235,11 @@ def _generate(model, processor, rows_prompts, rows_images, sampling: SamplingCon
     completion_ids = output[:, encoded["input_ids"].shape[1] :]
     mask = completion_mask_after_eos(completion_ids, eos_ids)
     sampled_logprobs = recorder.finish(completion_ids) * mask
+    token_entropy = recorder.entropy(completion_ids) * mask
     texts = processor.tokenizer.batch_decode(completion_ids * mask + processor.tokenizer.pad_token_id * (1 - mask), skip_special_tokens=True)
     ended = torch.isin(completion_ids, torch.tensor(eos_ids, device=completion_ids.device)).any(dim=1)
-    return Rollout(rows_prompts, rows_images, completion_ids, mask.to(completion_ids.device), texts, sampled_logprobs, ended)
+    return Rollout(rows_prompts, rows_images, completion_ids, mask.to(completion_ids.device), texts, sampled_logprobs, ended,
+                   token_entropy)
 
 
 def completion_logprobs(model, processor, rollout: Rollout, rows: torch.Tensor | Sequence[int], temperature: float = 1.0) -> torch.Tensor:
