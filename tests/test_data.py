@@ -376,6 +376,19 @@ def test_tiny_and_huge_images(tmp_path, tiny_vlm_path):
     assert max(dm.dataset("train")[1]["images"][0].size) == 512
 
 
+def test_an_image_over_pillows_decompression_bomb_limit_is_a_named_bad_row(tmp_path, monkeypatch):
+    # Pillow refuses images over 2 x MAX_IMAGE_PIXELS (about 179M pixels, e.g. 15000 x 15000); the limit is lowered
+    # here so that a small file stands for one
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    png(tmp_path / "big.png", size=(100, 100))
+    write_jsonl(tmp_path / "train.jsonl", [{"id": "q1", "images": ["big.png"], "problem": "p", "answer": "1"}])
+    with pytest.raises(ValueError) as raised:
+        datamodule(tmp_path, tmp_path / "c").setup()
+    message = str(raised.value)
+    assert "train.jsonl" in message and "q1" in message and "too large to decode safely" in message
+    assert "MAX_IMAGE_PIXELS" in message
+
+
 def test_bad_configuration():
     with pytest.raises(ValueError, match="needs model_name_or_path"):
         MultimodalReasoningDataModule("data/synthetic", entropy_method="spectral")

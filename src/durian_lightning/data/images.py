@@ -81,7 +81,12 @@ def open_image(raw: bytes | None, image: Image.Image | None, name: str, max_side
                 if max_side:
                     image.draft("RGB", (max_side, max_side))  # JPEG decodes at reduced size directly
                 image.load()
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        except Image.DecompressionBombError as error:  # Pillow's guard against memory exhaustion: kept
+            raise ImageError(
+                f"image {name} is too large to decode safely ({error}): shrink it beforehand, or, for files you trust, "
+                "raise PIL.Image.MAX_IMAGE_PIXELS before the data loads"
+            ) from None
+        except (OSError, SyntaxError, ValueError) as error:
             raise ImageError(f"cannot decode image {name}: {error}") from None
     if image.width < 1 or image.height < 1:
         raise ImageError(f"image {name} is empty ({image.width}x{image.height})")
