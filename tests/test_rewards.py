@@ -5,6 +5,7 @@ import torch
 
 from durian_lightning import rewards as R
 from durian_lightning.rewards import (
+    RewardError,
     WeightedReward,
     accuracy_reward,
     answers_match,
@@ -194,3 +195,27 @@ def test_answer_prior_by_hand():
     assert answer_prior_accuracy(prior, []) == {}
     # data without a question-type column: one type, the most frequent answer overall
     assert most_frequent_answers([("", "a"), ("", "b"), ("", "b")]) == {"": "b"}
+
+
+def test_on_error_zero_scores_only_the_failing_completions_zero_and_names_them():
+    def picky(completions, answers, **fields):  # fails on the whole batch when any completion says "boom"
+        if any("boom" in c for c in completions):
+            raise KeyError("boom")
+        return [1.0 if c == a else 0.5 for c, a in zip(completions, answers)]
+
+    def half_nan(completions, answers, **fields):
+        return [float("nan") if c == "x" else 1.0 for c in completions]
+
+    reward = WeightedReward([("picky", picky, 1.0), ("nan", half_nan, 2.0)], on_error="zero")
+    scores = reward(["1", "boom", "x"], ["1", "2", "3"], sample_ids=["a", "b", "c"])
+    assert scores.components["picky"].tolist() == [1.0, 0.0, 0.5]  # retried one by one: only "boom" fails
+    assert scores.components["nan"].tolist() == [1.0, 1.0, 0.0]
+    assert scores.total.tolist() == [3.0, 2.0, 0.5]
+    assert len(scores.failures) == 2
+    assert "'picky' raised KeyError" in scores.failures[0] and "sample 'b'" in scores.failures[0]
+    assert "'nan' returned nan" in scores.failures[1] and "sample 'c'" in scores.failures[1]
+    # the default stops at the first failure, naming it
+    with pytest.raises(RewardError, match="'picky' raised KeyError"):
+        WeightedReward([("picky", picky, 1.0)])(["1", "boom"], ["1", "2"], sample_ids=["a", "b"])
+    with pytest.raises(ValueError, match="on_error"):
+        WeightedReward([("picky", picky, 1.0)], on_error="ignore")

@@ -465,6 +465,46 @@ def test_a_broken_reward_function_stops_the_step_with_its_name(tmp_path, monkeyp
                                   "--trainer.max_steps", "1")])
 
 
+REWARD_CALLS = {"count": 0, "fail_on": ()}
+
+
+def flaky_reward(completions, answers, **fields):
+    """A dense reward that raises on the calls numbered in ``REWARD_CALLS["fail_on"]`` (one call per training step
+    while nothing fails)."""
+    REWARD_CALLS["count"] += 1
+    if REWARD_CALLS["count"] in REWARD_CALLS["fail_on"]:
+        raise ConnectionError("the grading service is down")
+    return [len(c) / 100 for c in completions]
+
+
+def test_a_failed_reward_stops_with_a_checkpoint_that_resumes(tmp_path):
+    from durian_lightning.rewards import RewardError
+
+    args = fit_args(tmp_path, "tiny:llava", "--model.reward.functions", "[tests.test_training:flaky_reward]",
+                    "--trainer.limit_val_batches", "0", "--trainer.max_steps", "3", "--seed_everything", "5")
+    REWARD_CALLS.update(count=0, fail_on=(2,))
+    with pytest.raises(RewardError, match="grading service is down") as raised:
+        run_cli(["fit", *args])
+    saved = Path(str(raised.value).rsplit("--ckpt_path ", 1)[1])
+    assert saved.name == "reward-failure.ckpt" and saved.is_file()
+    assert torch.load(saved, map_location="cpu", weights_only=False)["global_step"] == 1  # the completed update
+    REWARD_CALLS.update(count=0, fail_on=())
+    resumed = run_cli(["fit", *args, "--ckpt_path", str(saved)])
+    assert resumed.trainer.global_step == 3 and REWARD_CALLS["count"] == 2  # the failed step is retried, then step 3
+
+
+def test_on_error_zero_trains_on_and_counts_the_failures(tmp_path):
+    REWARD_CALLS.update(count=0, fail_on=(2, 3))
+    cli = run_cli(["fit", *fit_args(tmp_path, "tiny:llava", "--model.reward.functions", "[tests.test_training:flaky_reward]",
+                                    "--model.reward.on_error", "zero", "--trainer.limit_val_batches", "0",
+                                    "--trainer.max_steps", "3")])
+    REWARD_CALLS.update(fail_on=())
+    assert cli.trainer.global_step == 3
+    failures = [float(r["train/reward_failures"]) for r in metrics(cli.trainer) if r.get("train/reward_failures") not in (None, "")]
+    # step 2's batch call (call 2) failed; retried one completion at a time, only the first (call 3) failed again
+    assert failures == [0.0, 1.0, 0.0]
+
+
 class RecordUpdates(L.Callback):
     """The prompts and rewards of every update."""
 

@@ -210,16 +210,33 @@ class PreemptionCheckpoint(L.Callback):
     """A scheduler's SIGTERM during fit: Lightning stops after the current batch; this writes ``last.ckpt`` of that
     exact position (into the checkpoint folder) and the adapter, and makes the process exit with status 143
     (128 + SIGTERM) instead of 0, so the scheduler sees the run as interrupted. Resume with
-    ``--ckpt_path <that folder>/last.ckpt``. (Ctrl-C stops at once, mid-step, and writes nothing.)"""
+    ``--ckpt_path <that folder>/last.ckpt``. (Ctrl-C stops at once, mid-step, and writes nothing.)
+
+    A reward function that fails with ``reward.on_error: stop`` stops the run mid-step: this writes
+    ``reward-failure.ckpt``, the state after the last completed update, and adds its path to the error, so the run
+    resumes there (the failed batch is drawn again) once the reward function is fixed."""
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-        if not isinstance(exception, SIGTERMException) or trainer.state.fn != "fit":
+        from .rewards import RewardError
+
+        if trainer.state.fn != "fit":
             return
-        checkpoint = trainer.checkpoint_callback
-        folder = Path(checkpoint.dirpath) if checkpoint is not None and checkpoint.dirpath else _log_dir(trainer) / "checkpoints"
-        trainer.save_checkpoint(folder / "last.ckpt")  # every rank: the checkpoint's contents are gathered
+        if isinstance(exception, RewardError):
+            path = self._folder(trainer) / "reward-failure.ckpt"
+            trainer.save_checkpoint(path)
+            exception.args = (f"{exception.args[0]}\nThe last completed update is saved: fix the reward function, then "
+                              f"resume with --ckpt_path {path}",)
+            return
+        if not isinstance(exception, SIGTERMException):
+            return
+        trainer.save_checkpoint(self._folder(trainer) / "last.ckpt")  # every rank: the checkpoint's contents are gathered
         if hasattr(pl_module, "save_adapter"):
             pl_module.save_adapter()
         exception.code = 128 + signal.SIGTERM
+
+    @staticmethod
+    def _folder(trainer) -> Path:
+        checkpoint = trainer.checkpoint_callback
+        return Path(checkpoint.dirpath) if checkpoint is not None and checkpoint.dirpath else _log_dir(trainer) / "checkpoints"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import time
 from functools import partial
 from pathlib import Path
@@ -52,6 +53,8 @@ from .settings import (
     as_settings,
 )
 from .update import UpdateBatch, ppo_update
+
+log = logging.getLogger(__name__)
 
 
 class DurianGRPO(L.LightningModule):
@@ -170,6 +173,7 @@ class DurianGRPO(L.LightningModule):
         with self._timed("reward"):
             scored = score_rollouts(generated, batch, self.reward, self.rollout.num_generations,
                                     self.advantages.confidence_reduction, self.device)
+        self._report_reward_failures(scored.reward_failures)
         if self.buffer is not None:
             scored = self._dynamic_sampling(scored, rollout_batch_size)
             if scored is None:
@@ -202,6 +206,15 @@ class DurianGRPO(L.LightningModule):
         })
         self.log("reward", float(scored.rewards.mean()), prog_bar=True, logger=False)
         return None
+
+    def _report_reward_failures(self, failures: tuple[str, ...]) -> None:
+        """With ``reward.on_error: zero``: how many scores failed this step (a metric, 0 on a healthy run), and what
+        failed (a warning: the first three messages)."""
+        self.log("train/reward_failures", float(len(failures)))
+        if failures:
+            more = f" (and {len(failures) - 3} more)" if len(failures) > 3 else ""
+            log.warning("step %d: %d reward score(s) failed and were set to 0%s: %s", self.global_step, len(failures),
+                        more, " | ".join(failures[:3]))
 
     def _dynamic_sampling(self, scored: ScoredRollouts, rollout_batch_size: int) -> ScoredRollouts | None:
         """Buffer this step's informative prompts; once every rank has a full batch (the statistics and the all-reduce

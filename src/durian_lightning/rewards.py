@@ -241,16 +241,26 @@ class RewardScores:
 
     total: torch.Tensor  # (N,) float32
     components: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (N,) float32
+    failures: list[str] = field(default_factory=list)  # with on_error="zero": what failed, one message per score
+
+
+class RewardError(ValueError, RuntimeError):
+    """A reward function raised or returned something that is not one finite number per completion."""
 
 
 class WeightedReward:
     """``total = sum_k weight_k * fn_k(completions, answers, **row_fields)``, checking every function's output.
 
-    A function that raises, returns the wrong number of scores, or a non-numeric / NaN / inf score stops the
-    step with an error that names the function and the completion, instead of training on a wrong number.
+    A function that raises, returns the wrong number of scores, or a non-numeric / NaN / inf score is never trained
+    on. ``on_error="stop"`` (default) raises :class:`RewardError` naming the function, the sample and the completion;
+    ``"zero"`` scores just the failing completions 0 (a function that fails on the whole batch is retried one
+    completion at a time to find them) and lists each failure in :attr:`RewardScores.failures`.
     """
 
-    def __init__(self, terms: Sequence[tuple[str, str | Callable, float]]):
+    def __init__(self, terms: Sequence[tuple[str, str | Callable, float]], on_error: str = "stop"):
+        if on_error not in ("stop", "zero"):
+            raise ValueError(f"on_error must be 'stop' or 'zero', got {on_error!r}")
+        self.on_error = on_error
         if not terms:
             raise ValueError("WeightedReward needs at least one (name, function, weight) term")
         self.terms = [RewardTerm(name, load_reward_function(fn), float(weight)) for name, fn, weight in terms]
@@ -262,9 +272,9 @@ class WeightedReward:
                 raise ValueError(f"reward term {term.name!r} has weight {term.weight}; weights must be finite")
 
     @classmethod
-    def paper_default(cls, format_weight: float = 0.1, accuracy_weight: float = 0.9) -> "WeightedReward":
+    def paper_default(cls, format_weight: float = 0.1, accuracy_weight: float = 0.9, on_error: str = "stop") -> "WeightedReward":
         """The paper's ``0.1 * format + 0.9 * accuracy``."""
-        return cls([("format", format_reward, format_weight), ("accuracy", accuracy_reward, accuracy_weight)])
+        return cls([("format", format_reward, format_weight), ("accuracy", accuracy_reward, accuracy_weight)], on_error)
 
     def __call__(
         self, completions: Sequence[str], answers: Sequence[str], sample_ids: Sequence[str] | None = None, **row_fields
@@ -277,12 +287,33 @@ class WeightedReward:
             if len(values) != n:
                 raise ValueError(f"row field {key!r} has {len(values)} entries for {n} completions")
         total = torch.zeros(n, dtype=torch.float32)
-        components = {}
+        components, failures = {}, []
+        ids = list(sample_ids) if sample_ids is not None else None
         for term in self.terms:
-            scores = self._run(term, list(completions), list(answers), row_fields, sample_ids)
+            args = (term, list(completions), list(answers), row_fields, ids)
+            try:
+                scores = self._run(*args)
+            except RewardError:
+                if self.on_error == "stop":
+                    raise
+                scores = self._run_one_by_one(*args, failures)
             components[term.name] = scores
             total += term.weight * scores
-        return RewardScores(total=total, components=components)
+        return RewardScores(total=total, components=components, failures=failures)
+
+    @classmethod
+    def _run_one_by_one(cls, term, completions, answers, row_fields, ids, failures: list[str]) -> torch.Tensor:
+        """Each completion alone: a failing one scores 0 and its message joins ``failures``."""
+        scores = []
+        for i in range(len(completions)):
+            fields = {key: [values[i]] for key, values in row_fields.items()}
+            try:
+                scores.append(float(cls._run(term, completions[i : i + 1], answers[i : i + 1], fields,
+                                             None if ids is None else ids[i : i + 1])[0]))
+            except RewardError as error:
+                failures.append(str(error))
+                scores.append(0.0)
+        return torch.tensor(scores, dtype=torch.float32)
 
     @staticmethod
     def _run(term: RewardTerm, completions: list[str], answers: list[str], row_fields: dict, sample_ids=None) -> torch.Tensor:
@@ -290,16 +321,21 @@ class WeightedReward:
             sample = f" of sample {sample_ids[i]!r}" if sample_ids is not None else ""
             return f"completion {i}{sample} ({completions[i][:80]!r})"
 
+        def batch() -> str:
+            return f" on samples {sorted(set(sample_ids))[:5]}" if sample_ids is not None else ""
+
         try:
             raw = term.function(completions, answers, **row_fields)
         except Exception as error:
-            raise RuntimeError(f"reward function {term.name!r} raised {type(error).__name__}: {error}") from error
+            if len(completions) == 1:
+                raise RewardError(f"reward function {term.name!r} raised {type(error).__name__}: {error} for {which(0)}") from error
+            raise RewardError(f"reward function {term.name!r} raised {type(error).__name__}: {error}{batch()}") from error
         try:
             raw = list(raw)
         except TypeError:
-            raise ValueError(f"reward function {term.name!r} must return a list of floats, got {type(raw).__name__}") from None
+            raise RewardError(f"reward function {term.name!r} must return a list of floats, got {type(raw).__name__}") from None
         if len(raw) != len(completions):
-            raise ValueError(
+            raise RewardError(
                 f"reward function {term.name!r} returned {len(raw)} scores for {len(completions)} completions"
             )
         values = []
@@ -307,8 +343,8 @@ class WeightedReward:
             try:
                 value = float(value)
             except (TypeError, ValueError):
-                raise ValueError(f"reward function {term.name!r} returned {value!r} for {which(i)}; expected a number") from None
+                raise RewardError(f"reward function {term.name!r} returned {value!r} for {which(i)}; expected a number") from None
             if not math.isfinite(value):
-                raise ValueError(f"reward function {term.name!r} returned {value} for {which(i)}; expected a finite number")
+                raise RewardError(f"reward function {term.name!r} returned {value} for {which(i)}; expected a finite number")
             values.append(value)
         return torch.tensor(values, dtype=torch.float32)

@@ -36,6 +36,7 @@ class ScoredRollouts:
     reward_components: dict[str, torch.Tensor]  # reward function name -> (N,) raw scores
     old_logprobs: torch.Tensor | None = None  # (N, T) under the policy that sampled (None: not computed)
     ref_logprobs: torch.Tensor | None = None  # (N, T) under the reference policy (None: no KL term)
+    reward_failures: tuple[str, ...] = ()  # with reward.on_error="zero": the scores that failed and were set to 0
 
     @property
     def num_prompts(self) -> int:
@@ -129,4 +130,5 @@ def score_rollouts(
         answers=list(batch["answer"]),
         visual_entropy=batch["visual_entropy"].to(device), confidence=confidence, rewards=scores.total.to(device),
         reward_components={name: values.to(device) for name, values in scores.components.items()},
+        reward_failures=tuple(scores.failures),
     )

@@ -142,21 +142,27 @@ class RewardSettings:
     Args:
         functions: import paths ``pkg.mod:fn`` of reward functions; default: the paper's 0.1 format + 0.9 accuracy.
         weights: one weight per reward function (default 1.0 each).
+        on_error: a reward function that raises or returns a non-finite score: ``stop`` the run (after writing a
+            checkpoint of the last completed update) or score that completion ``zero`` (counted in
+            ``train/reward_failures``, each one logged as a warning).
     """
 
     functions: list[str] | None = None
     weights: list[float] | None = None
+    on_error: Literal["stop", "zero"] = "stop"
 
     def __post_init__(self) -> None:
         if self.functions and self.weights is not None and len(self.weights) != len(self.functions):
             raise ValueError(f"{len(self.functions)} reward functions but {len(self.weights)} reward weights")
+        if self.on_error not in ("stop", "zero"):
+            raise ValueError(f"reward.on_error must be 'stop' or 'zero', got {self.on_error!r}")
 
     def build(self) -> WeightedReward:
         """The weighted reward (importing every function now, so a wrong path fails before any compute)."""
         if not self.functions:
-            return WeightedReward.paper_default()
+            return WeightedReward.paper_default(on_error=self.on_error)
         weights = self.weights or [1.0] * len(self.functions)
-        return WeightedReward([(fn, fn, weight) for fn, weight in zip(self.functions, weights)])
+        return WeightedReward([(fn, fn, weight) for fn, weight in zip(self.functions, weights)], self.on_error)
 
 
 @dataclass(frozen=True)
