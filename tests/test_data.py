@@ -5,6 +5,7 @@ import io
 import json
 import math
 import multiprocessing as mp
+import time
 from pathlib import Path
 
 import numpy as np
@@ -248,19 +249,57 @@ def test_unreadable_cache_parts_are_ignored_and_recomputed(tmp_path, caplog):
     assert cache.load() == {"a": 1.5, "b": 2.0}
 
 
+def test_a_corrupted_or_edited_cache_part_costs_only_its_own_images(tmp_path, caplog, monkeypatch):
+    from durian_lightning.data import entropy_cache
+
+    monkeypatch.setattr(entropy_cache, "PART_SIZE", 2)
+    cache = EntropyCache(tmp_path, "f" * 64)
+    for i, key in enumerate("abcde"):
+        cache.add({key: float(i)})
+    cache.compact()  # 5 parts of one -> 3 parts of at most 2
+    parts = sorted(cache.dir.glob("part-*.json"))
+    assert len(parts) == 3 and cache.load() == {k: float(i) for i, k in enumerate("abcde")}
+    edited = next(p for p in parts if '"a": 0.0' in p.read_text())
+    edited.write_text(edited.read_text().replace('"a": 0.0', '"a": 7.0'))  # a hand edit, or a flipped digit
+    assert cache.load() == {"c": 2.0, "d": 3.0, "e": 4.0}  # a and b (that part) are recomputed, nothing else
+    assert "do not match its checksum" in caplog.text
+
+
+def test_a_full_disk_while_merging_the_cache_loses_nothing(tmp_path, caplog, monkeypatch):
+    import errno
+
+    cache = EntropyCache(tmp_path, "f" * 64)
+    cache.add({"a": 1.5})
+    cache.add({"b": 2.5})
+    before = sorted(cache.dir.glob("part-*.json"))
+
+    def full_disk(name, entries):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(cache, "_write", full_disk)
+    cache.compact()  # a warning, not an error: every value is already on disk
+    assert "could not merge" in caplog.text
+    assert sorted(cache.dir.glob("part-*.json")) == before and cache.load() == {"a": 1.5, "b": 2.5}
+
+
 def _rank_entropies(args):
     source, cache, model = args
     dm = MultimodalReasoningDataModule(source, model_name_or_path=model, cache_dir=cache, progress=False, entropy_batch_size=2)
     dm.setup()
-    return [s.visual_entropy for s in dm.samples["train"]]
+    return [s.visual_entropy for s in dm.samples["train"]], dm.scorer().images_scored
 
 
-def test_two_ranks_precomputing_at_once_get_identical_entropies(tmp_path, tiny_vlm_path):
+def test_two_ranks_precomputing_at_once_get_identical_entropies_computed_once(tmp_path, tiny_vlm_path):
     source = str(small_folder(tmp_path / "d"))
     cache = str(tmp_path / "cache")
+    probe = MultimodalReasoningDataModule(source, model_name_or_path=tiny_vlm_path, cache_dir=cache, progress=False)
     with mp.get_context("spawn").Pool(2) as pool:
-        rank0, rank1 = pool.map(_rank_entropies, [(source, cache, tiny_vlm_path)] * 2)
+        with EntropyCache(cache, probe.scorer().fingerprint).lock():  # both start while a third process holds it
+            pending = pool.map_async(_rank_entropies, [(source, cache, tiny_vlm_path)] * 2)
+            time.sleep(2)
+        (rank0, scored0), (rank1, scored1) = pending.get()
     assert rank0 == rank1 and all(math.isfinite(v) for v in rank0)
+    assert scored0 + scored1 == 6  # the 6 distinct images, once: the second process found the first one's values
     after = MultimodalReasoningDataModule(source, model_name_or_path=tiny_vlm_path, cache_dir=cache, progress=False)
     after.setup()
     assert after.scorer().calls == 0

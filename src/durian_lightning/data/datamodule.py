@@ -285,8 +285,12 @@ class MultimodalReasoningDataModule(L.LightningDataModule):
                     if digest not in known:
                         todo.setdefault(digest, (sample, position))
         if todo:
-            self._score_missing(todo, scorer, cache, known)
-            cache.compact()
+            with cache.lock():  # another process precomputing into this cache finishes first ...
+                known.update(cache.load())  # ... and what it computed is not computed again
+                todo = {digest: item for digest, item in todo.items() if digest not in known}
+                if todo:
+                    self._score_missing(todo, scorer, cache, known)
+                    cache.compact()
         for split_samples in samples.values():
             for sample in split_samples:
                 values = [known[d] for d in sample.image_hashes]
