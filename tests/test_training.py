@@ -125,6 +125,47 @@ def test_validation_before_the_first_update_is_logged_at_step_zero(tmp_path):
     assert validations[1][1] != pytest.approx(validations[0][1])  # training moved it: the two are not one pass
 
 
+def test_checkpoints_every_n_steps_keep_the_latest_and_last(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    args = ["--trainer.limit_val_batches", "0", "--trainer.max_steps", "4", "--checkpoint_every_n_steps", "2"]
+    cli = run_cli(["fit", *fit_args(tmp_path / "a", "tiny:llava", *args)])
+    folder = Path(cli.trainer.checkpoint_callback.dirpath)
+    assert sorted(p.name for p in folder.iterdir()) == ["epoch=0-step=4.ckpt", "last.ckpt"]
+    assert torch.load(folder / "last.ckpt", map_location="cpu", weights_only=False)["global_step"] == 4
+    # a checkpoint callback of the user's own wins; no checkpointing at all is respected
+    own = run_cli(["fit", *fit_args(tmp_path / "b", "tiny:llava", *args,
+                                    "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+                                    "--trainer.callbacks.every_n_train_steps=3")])
+    (only,) = [c for c in own.trainer.callbacks if isinstance(c, ModelCheckpoint)]
+    assert only._every_n_train_steps == 3
+    off = run_cli(["fit", *fit_args(tmp_path / "c", "tiny:llava", *args, "--trainer.enable_checkpointing", "false")])
+    assert off.trainer.checkpoint_callback is None
+
+
+def test_a_full_disk_while_checkpointing_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
+    import errno
+
+    from fsspec.implementations.local import LocalFileOpener
+
+    original = LocalFileOpener.write
+
+    def write(self, data):
+        if "step=2" in str(self.path):  # step 2's checkpoint: half of it, then the disk is full
+            original(self, data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(self, data)
+
+    monkeypatch.setattr(LocalFileOpener, "write", write)
+    args = ["--trainer.limit_val_batches", "0", "--trainer.max_steps", "3", "--checkpoint_every_n_steps", "1"]
+    with pytest.raises(OSError, match="No space left"):
+        run_cli(["fit", *fit_args(tmp_path, "tiny:llava", *args)])
+    folder = next(tmp_path.glob("lightning_logs/version_*/checkpoints"))
+    assert sorted(p.name for p in folder.iterdir()) == ["epoch=0-step=1.ckpt", "last.ckpt"]  # no truncated step=2 file
+    for path in folder.iterdir():
+        assert torch.load(path, map_location="cpu", weights_only=False)["global_step"] == 1
+
+
 class SnapshotAtTrainStart(L.Callback):
     """Every weight of the policy as it was when training started."""
 

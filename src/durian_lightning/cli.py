@@ -13,6 +13,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from .callbacks import (
@@ -73,6 +74,10 @@ def check_checkpoint(path) -> None:
 class DurianCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.model_name_or_path", "data.model_name_or_path")
+        parser.add_argument("--checkpoint_every_n_steps", type=int, default=0,
+                            help="fit only: a checkpoint every N optimizer steps (the latest kept, plus last.ckpt for "
+                                 "--ckpt_path), so a crash loses at most N steps; 0 = Lightning's default (each epoch "
+                                 "end). A ModelCheckpoint of your own in trainer.callbacks takes precedence")
         parser.add_argument("--validate_before_fit", type=bool, default=False,
                             help="fit only: one validation pass before the first update (logged at step 0), the "
                                  "starting point every later validation is read against; skipped when resuming")
@@ -94,6 +99,12 @@ class DurianCLI(LightningCLI):
         config = self._get(self.config_init, "trainer", default={})
         if config.get("logger") in (None, True):  # not chosen: see default_loggers
             kwargs.setdefault("logger", default_loggers(config.get("default_root_dir") or os.getcwd()))
+        every = self._get(self.config_init, "checkpoint_every_n_steps", default=0)
+        if every < 0:
+            raise ValueError(f"checkpoint_every_n_steps must be >= 0 (0 = each epoch end), got {every}")
+        callbacks = list(config.get("callbacks") or [])
+        if every and config.get("enable_checkpointing") is not False and not any(isinstance(c, ModelCheckpoint) for c in callbacks):
+            kwargs.setdefault("callbacks", [*callbacks, ModelCheckpoint(every_n_train_steps=every, save_last=True)])
         return super().instantiate_trainer(**kwargs)
 
 
