@@ -62,13 +62,13 @@ def test_folder_of_jsonl_files_with_pixel_entropy(tmp_path):
 
 def test_a_rows_own_id_column_is_its_sample_id_everywhere(tmp_path):
     rows = [{"id": f"q-{i}", "images": [png(tmp_path / f"{i}.png", seed=i)], "problem": "p", "answer": "1"} for i in range(2)]
-    rows.append({"images": [png(tmp_path / "2.png", seed=2)], "problem": "p", "answer": "1"})  # no id: positional
+    rows.append({"images": [png(tmp_path / "2.png", seed=2)], "problem": "p", "answer": "1"})  # no id: its 1-based row number
     write_jsonl(tmp_path / "train.jsonl", rows)
     dm = datamodule(tmp_path, tmp_path / "c")
     dm.setup()
-    assert [s.id for s in dm.samples["train"]] == ["q-0", "q-1", "train-2"]
+    assert [s.id for s in dm.samples["train"]] == ["q-0", "q-1", "train-3"]
     batch = next(iter(dm.train_dataloader()))
-    assert sorted(batch["id"]) == ["q-0", "q-1", "train-2"]  # the batch carries the same ids as the samples
+    assert sorted(batch["id"]) == ["q-0", "q-1", "train-3"]  # the batch carries the same ids as the samples
 
 
 def test_a_row_without_an_optional_column_gets_none_in_every_batch(tmp_path):
@@ -82,7 +82,7 @@ def test_a_row_without_an_optional_column_gets_none_in_every_batch(tmp_path):
         seen = {}
         for batch in dm.train_dataloader():
             seen.update(zip(batch["id"], batch["clutter"]))
-        assert seen == {f"train-{i}": (None if i in (3, 4) else i) for i in range(6)}
+        assert seen == {f"train-{i + 1}": (None if i in (3, 4) else i) for i in range(6)}  # ids: 1-based rows
 
 
 def test_an_empty_split_after_skipping_is_an_error(tmp_path):
@@ -327,7 +327,7 @@ def bad_image_cases(folder: Path) -> dict[str, object]:
 def test_bad_images_raise_naming_file_row_and_field(tmp_path, case):
     cases = bad_image_cases(tmp_path)
     write_jsonl(tmp_path / "train.jsonl", [{"images": ["good.png"], "problem": "p", "answer": "1"}, {"images": [cases[case]], "problem": "p", "answer": "1"}])
-    with pytest.raises(ValueError, match=r"train\.jsonl: row 1 \(id train-1\): field 'images'\[0\]"):
+    with pytest.raises(ValueError, match=r"train\.jsonl: row 2 \(id train-2\): field 'images'\[0\]"):
         datamodule(tmp_path, tmp_path / "c").setup()
 
 
@@ -343,7 +343,7 @@ def test_bad_images_raise_naming_file_row_and_field(tmp_path, case):
 def test_bad_rows_raise_naming_the_field(tmp_path, row, message):
     png(tmp_path / "good.png")
     write_jsonl(tmp_path / "train.jsonl", [{"images": ["good.png"], "problem": "p", "answer": "1"}, row])
-    with pytest.raises(ValueError, match=f"row 1 .*{message}"):
+    with pytest.raises(ValueError, match=f"row 2 .*{message}"):
         datamodule(tmp_path, tmp_path / "c").setup()
 
 
@@ -356,8 +356,8 @@ def test_skip_policy_counts_names_and_keeps_bad_rows_out_of_the_cache(tmp_path):
     dm = datamodule(tmp_path, tmp_path / "c", bad_rows="skip")
     with pytest.warns(UserWarning, match="skipped 4 bad row"):
         dm.setup()
-    assert [s.id for s in dm.samples["train"]] == ["train-0"]
-    assert len(dm.skipped_rows) == 4 and "row 3" in dm.skipped_rows[2]
+    assert [s.id for s in dm.samples["train"]] == ["train-1"]
+    assert len(dm.skipped_rows) == 4 and "row 4" in dm.skipped_rows[2]
     cached = EntropyCache(tmp_path / "c", dm.scorer().fingerprint).load()
     assert list(cached) == dm.samples["train"][0].image_hashes
 
@@ -371,12 +371,12 @@ def test_missing_column_lists_the_columns_that_exist(tmp_path):
 def test_malformed_and_undecodable_lines_are_bad_rows_named_by_file_and_line(tmp_path):
     good = json.dumps({"images": [png(tmp_path / "0.png")], "problem": "p", "answer": "1"}).encode()
     (tmp_path / "train.jsonl").write_bytes(good + b"\n{not json\n" + good[:-2] + b'\xff"}\n' + b"[1, 2]\n" + good + b"\n")
-    with pytest.raises(ValueError, match=r"train\.jsonl: row 1 \(id train-1\): line 2 is not valid JSON"):
+    with pytest.raises(ValueError, match=r"train\.jsonl: row 2 \(id train-2\): line 2 is not valid JSON"):
         datamodule(tmp_path, tmp_path / "c").setup()
     dm = datamodule(tmp_path, tmp_path / "c", bad_rows="skip")
     with pytest.warns(UserWarning, match="skipped 3 bad row"):
         dm.setup()
-    assert [s.id for s in dm.samples["train"]] == ["train-0", "train-4"]  # the good rows keep their numbers
+    assert [s.id for s in dm.samples["train"]] == ["train-1", "train-5"]  # the good rows keep their line numbers
     assert "line 3 is not UTF-8" in dm.skipped_rows[1] and "line 4 holds a JSON list" in dm.skipped_rows[2]
 
 

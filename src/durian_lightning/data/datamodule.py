@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 class Sample:
     id: str
     split: str
-    row: int
+    row: int  # 1-based position in its file (a JSONL file's line number)
     images: list[Any]  # raw values: paths, bytes, dicts or PIL images
     base_dir: Path | None
     image_hashes: list[str]
@@ -186,8 +186,7 @@ class MultimodalReasoningDataModule(L.LightningDataModule):
         id_column = col("id")  # a row without one gets a positional id
         used = {col("images"), col("problem"), col("answer"), id_column}
         out = []
-        for row_number in range(len(data.rows)):
-            row = data.rows[row_number]
+        for row_number, row in enumerate(data.rows, start=1):  # 1-based: a JSONL row's number is its line number
             sample_id = str(row[id_column]) if row.get(id_column) is not None else f"{split}-{row_number}"
             try:
                 out.append(self._read_row(split, row_number, row, sample_id, data, col, used))
