@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from durian_lightning.advantages import Advantages, dr_grpo_advantages, durian_advantages
-from durian_lightning.callbacks import draw_bar_chart, error_by_difficulty, rollout_statistics
+from durian_lightning.callbacks import draw_error_chart, error_by_difficulty, error_table, rollout_statistics
 
 
 def test_rollout_statistics_by_hand():
@@ -65,8 +65,23 @@ def test_error_by_difficulty_by_hand():
     assert error_by_difficulty([]) == {}
 
 
-def test_bar_chart_is_a_png(tmp_path):
+def test_error_table_by_hand_with_bins_large_enough_to_read():
+    # the 20 samples above: correct on every even one and on the 5 most confident
+    records = [{"correct": float(i % 2 == 0 or i < 5), "visual_entropy": float(i), "confidence": float(-i)} for i in range(20)]
+    table = error_table(records, min_per_bin=5)  # 20 samples -> 4 bins of 5
+    (perceptual, confidence) = table.values()
+    assert perceptual == [("H0", 0.0, 5), ("H1", pytest.approx(0.5), 10), ("H2", pytest.approx(0.6), 5)]
+    # least confident first: 19..15 (15, 17, 19 wrong), 14..10 (13, 11), 9..5 (9, 7, 5), 4..0 (none)
+    assert confidence == [("c0", pytest.approx(0.6), 5), ("c1", pytest.approx(0.4), 5), ("c2", pytest.approx(0.6), 5),
+                          ("c3", 0.0, 5)]
+    assert list(error_table(records).values())[1] == [("c0", pytest.approx(0.4), 20)]  # 20 per bin: one bin
+    assert error_table([]) == {}
+
+
+def test_error_chart_is_a_png_with_a_panel_per_axis(tmp_path):
     from PIL import Image
 
-    draw_bar_chart({"error/a_0": 0.2, "error/a_1": 0.9}, tmp_path / "chart.png", "title")
-    assert Image.open(tmp_path / "chart.png").format == "PNG"
+    panels = {"perceptual": [("H0", 0.2, 5), ("H1", 0.9, 10)], "confidence": [("c0", 1.0, 7)]}
+    draw_error_chart(panels, tmp_path / "chart.png", "title")
+    image = Image.open(tmp_path / "chart.png")
+    assert image.format == "PNG" and image.width > 300

@@ -140,26 +140,59 @@ def error_by_difficulty(records: list[dict[str, Any]], thresholds: torch.Tensor 
     return out
 
 
-def draw_bar_chart(values: dict[str, float], path: Path, title: str) -> None:
-    """A plain PNG bar chart (PIL only, so no plotting dependency)."""
+def error_table(records: list[dict[str, Any]], thresholds: torch.Tensor | None = None,
+                min_per_bin: int = 20) -> dict[str, list[tuple[str, float, int]]]:
+    """The chart's numbers: ``(label, error rate, samples)`` per perceptual group, and per confidence bin, with as
+    many equal-count bins (at most 10) as keep ``min_per_bin`` samples in each, so no bar rests on a handful."""
+    if not records:
+        return {}
+    correct = torch.tensor([r["correct"] for r in records], dtype=torch.float64)
+    groups = perceptual_groups(torch.tensor([r["visual_entropy"] for r in records], dtype=torch.float64), thresholds=thresholds)
+    perceptual = [(f"H{k}", float(1 - correct[groups == k].mean()), int((groups == k).sum())) for k in range(3)
+                  if bool((groups == k).any())]
+    bins = max(1, min(10, len(records) // min_per_bin))
+    order = torch.sort(torch.tensor([r["confidence"] for r in records], dtype=torch.float64), stable=True).indices
+    bin_of = torch.empty_like(order)
+    bin_of[order] = torch.arange(len(order)) * bins // len(order)
+    confidence = [(f"c{b}", float(1 - correct[bin_of == b].mean()), int((bin_of == b).sum())) for b in range(bins)]
+    return {"perceptual group (H0 simplest images)": perceptual,
+            f"confidence, {bins} equal-count bin{'s' * (bins > 1)} (c0 least confident)": confidence}
+
+
+def draw_error_chart(panels: dict[str, list[tuple[str, float, int]]], path: Path, title: str) -> None:
+    """Error rate bars, one panel per difficulty axis, on a 0-1 axis with gridlines, each bar labelled with its error
+    and sample count (PIL only, so no plotting dependency)."""
     from PIL import Image, ImageDraw
 
-    width, height, margin = 80 + 60 * len(values), 260, 30
-    image = Image.new("RGB", (width, height), "white")
+    bar, gap, left, top, plot_height = 36, 14, 44, 72, 180
+    widths = [left + len(rows) * (bar + gap) + 20 for rows in panels.values()]
+    image = Image.new("RGB", (max(sum(widths), 360), top + plot_height + 54), "white")
     draw = ImageDraw.Draw(image)
     draw.text((10, 8), title, fill="black")
-    for i, (name, value) in enumerate(values.items()):
-        x = 50 + 60 * i
-        top = height - margin - int((height - 2 * margin - 20) * max(0.0, min(1.0, value)))
-        draw.rectangle([x, top, x + 40, height - margin], fill=(70, 110, 200))
-        prefix = "H" if "entropy" in name else "c" if "confidence" in name else ""
-        draw.text((x, height - margin + 4), prefix + name.rsplit("_", 1)[-1], fill="black")
-        draw.text((x, top - 12), f"{value:.2f}", fill="black")
+    x0 = 0
+    for (name, rows), width in zip(panels.items(), widths):
+        draw.text((x0 + left, top - 40), name, fill="black")
+        base = top + plot_height
+        for tick in (0.0, 0.25, 0.5, 0.75, 1.0):
+            y = base - int(plot_height * tick)
+            draw.line([x0 + left - 4, y, x0 + width - 16, y], fill=(225, 225, 225) if tick else "black")
+            draw.text((x0 + 8, y - 6), f"{tick:.2f}", fill="black")
+        draw.line([x0 + left, top, x0 + left, base], fill="black")
+        draw.text((x0 + 4, top - 20), "error rate", fill="black")
+        for i, (label, error, count) in enumerate(rows):
+            x = x0 + left + gap // 2 + i * (bar + gap)
+            y = base - int(plot_height * max(0.0, min(1.0, error)))
+            draw.rectangle([x, y, x + bar, base], fill=(70, 110, 200))
+            draw.text((x + 2, y - 12), f"{error:.2f}", fill="black")
+            draw.text((x + 6, base + 4), label, fill="black")
+            draw.text((x + 2, base + 18), f"n={count}", fill=(90, 90, 90))
+        x0 += width
     image.save(path)
 
 
 class ErrorVsDifficultyCallback(L.Callback):
-    """At the end of validation: logs error per entropy group and confidence decile and writes a PNG chart."""
+    """At the end of validation: logs error per entropy group and confidence decile (the paper's tables) and draws
+    them as a PNG chart (confidence in bins large enough to read)."""
 
     def __init__(self, filename: str = "error_vs_difficulty.png"):
         self.filename = filename
@@ -174,8 +207,9 @@ class ErrorVsDifficultyCallback(L.Callback):
         folder = _log_dir(trainer)  # on every rank: Trainer.log_dir is a collective
         if trainer.is_global_zero:
             folder.mkdir(parents=True, exist_ok=True)
-            title = f"error rate by entropy group (H0 simple .. H2 complex) and confidence decile (c0 least) - step {trainer.global_step}"
-            draw_bar_chart(stats, folder / self.filename, title)
+            title = (f"validation error rate vs. difficulty ({len(records)} samples), epoch {trainer.current_epoch}, "
+                     f"step {trainer.global_step}")
+            draw_error_chart(error_table(records, thresholds), folder / self.filename, title)
 
 
 def _append_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
