@@ -166,6 +166,16 @@ def test_a_full_disk_while_checkpointing_leaves_the_previous_checkpoint_whole(tm
         assert torch.load(path, map_location="cpu", weights_only=False)["global_step"] == 1
 
 
+def test_a_run_does_not_warn_about_the_projects_own_choices(tmp_path):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run_cli(["fit", *fit_args(tmp_path, "tiny:llava", "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0")])
+    messages = [str(w.message) for w in caught]
+    assert not [m for m in messages if "in eval mode" in m or "is_gradient_checkpointing" in m], messages
+
+
 class SnapshotAtTrainStart(L.Callback):
     """Every weight of the policy as it was when training started."""
 

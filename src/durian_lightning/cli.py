@@ -127,6 +127,14 @@ def _preset_sets_its_own_values(args: list[str]) -> list[str]:
     return [*args[:first], *(f"--model.loss.{name}=null" for name in LOSS_OVERRIDES), *args[first:]]
 
 
+# Warnings every run would print about this project's own deliberate choices (see the README's list of the
+# third-party notices that remain)
+QUIET_WARNINGS = (
+    r"Found \d+ module\(s\) in eval mode",  # the frozen vision tower and projector stay in eval mode on purpose
+    r"`is_gradient_checkpointing` is deprecated",  # peft asks transformers this while wrapping the model for LoRA
+)
+
+
 def run_cli(args: list[str] | None = None, default_config: bool = True) -> DurianCLI:
     """Parse ``args`` (default: the command line) and run the subcommand; returns the CLI (trainer, model, data).
 
@@ -147,6 +155,8 @@ def run_cli(args: list[str] | None = None, default_config: bool = True) -> Duria
     with warnings.catch_warnings():
         # args always come from here (the command line passed through _preset_sets_its_own_values)
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+        for message in QUIET_WARNINGS:
+            warnings.filterwarnings("ignore", message=message)
         return DurianCLI(
             DurianGRPO,
             MultimodalReasoningDataModule,
