@@ -73,10 +73,12 @@ class DumpGradientCallback(L.Callback):
 
 
 class SigtermAtStep(L.Callback):
-    """Sends this process SIGTERM after the given optimizer step, as a scheduler's preemption would."""
+    """Sends this process SIGTERM (or ``signal_name``, e.g. SIGINT for a Ctrl-C) after the given optimizer step, as a
+    scheduler's preemption would."""
 
-    def __init__(self, step: int):
+    def __init__(self, step: int, signal_name: str = "SIGTERM"):
         self.step = step
+        self.signal_name = signal_name
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         import os
@@ -84,4 +86,4 @@ class SigtermAtStep(L.Callback):
 
         if trainer.global_step == self.step and not getattr(self, "sent", False):
             self.sent = True
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), getattr(signal, self.signal_name))

@@ -672,6 +672,21 @@ def test_sigterm_checkpoints_the_exact_position_and_exits_non_zero(tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
 
 
+def test_a_first_ctrl_c_stops_after_the_step_with_a_checkpoint(tmp_path):
+    args = ["--model.reward.functions", "[tests.test_training:length_reward]", "--trainer.limit_val_batches", "0",
+            "--trainer.max_steps", "4", "--trainer.callbacks+=tests.ddp_probe.SigtermAtStep", "--trainer.callbacks.step=2",
+            "--trainer.callbacks.signal_name=SIGINT"]
+    with pytest.raises(SystemExit) as stopped:
+        run_cli(["fit", *fit_args(tmp_path, "tiny:llava", *args)])
+    assert stopped.value.code == 130  # 128 + SIGINT: interrupted, not a success
+    run = tmp_path / "lightning_logs" / "version_0"
+    assert torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["global_step"] == 2
+    assert (run / "adapter" / "adapter_config.json").is_file()
+    import signal
+
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back after fit
+
+
 @pytest.mark.parametrize("content, message", [
     (b"not a checkpoint at all", "is not a readable checkpoint"),
     (None, "is not a Lightning training checkpoint \\(no state_dict, loops\\)"),

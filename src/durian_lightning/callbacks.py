@@ -8,12 +8,15 @@ any module that fills those can use them. Nothing here depends on which advantag
 from __future__ import annotations
 
 import json
+import os
 import signal
+import threading
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 
 from ._distributed import all_gather_records
 from .advantages import Advantages, consecutive_prompt_index, grpo_advantages
@@ -244,14 +247,44 @@ class PreemptionCheckpoint(L.Callback):
     """A scheduler's SIGTERM during fit: Lightning stops after the current batch; this writes ``last.ckpt`` of that
     exact position (into the checkpoint folder) and the adapter, and makes the process exit with status 143
     (128 + SIGTERM) instead of 0, so the scheduler sees the run as interrupted. Resume with
-    ``--ckpt_path <that folder>/last.ckpt``. (Ctrl-C stops at once, mid-step, and writes nothing.)
+    ``--ckpt_path <that folder>/last.ckpt``. A first Ctrl-C (SIGINT) takes the same path, exiting with 130; a second
+    one stops at once, mid-step, writing nothing (a checkpoint taken mid-update could hold half an optimizer step).
 
     A reward function that fails with ``reward.on_error: stop`` stops the run mid-step: this writes
     ``reward-failure.ckpt``, the state after the last completed update, and adds its path to the error, so the run
     resumes there (the failed batch is drawn again) once the reward function is fixed."""
 
+    def __init__(self) -> None:
+        self._interrupted_by: int | None = None
+        self._previous_sigint = None
+
+    def on_train_start(self, trainer, pl_module) -> None:  # after Lightning set its own handlers (it restores them)
+        self._interrupted_by = None
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread
+
+        def interrupted(signum, frame) -> None:
+            if self._interrupted_by is not None:
+                raise KeyboardInterrupt  # a second Ctrl-C: stop now
+            self._interrupted_by = signal.SIGINT
+            rank_zero_info("Ctrl-C: stopping after this step and writing a checkpoint (Ctrl-C again stops at once, "
+                           "saving nothing)")
+            os.kill(os.getpid(), signal.SIGTERM)  # Lightning's own graceful stop, as on a preemption
+
+        self._previous_sigint = signal.signal(signal.SIGINT, interrupted)
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        self._restore_sigint()
+
+    def _restore_sigint(self) -> None:
+        if self._previous_sigint is not None:
+            signal.signal(signal.SIGINT, self._previous_sigint)
+            self._previous_sigint = None
+
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        self._restore_sigint()  # the teardown hook is not called on this path
 
         from .rewards import RewardError
 
@@ -268,7 +301,7 @@ class PreemptionCheckpoint(L.Callback):
         trainer.save_checkpoint(self._folder(trainer) / "last.ckpt")  # every rank: the checkpoint's contents are gathered
         if hasattr(pl_module, "save_adapter"):
             pl_module.save_adapter()
-        exception.code = 128 + signal.SIGTERM
+        exception.code = 128 + (self._interrupted_by or signal.SIGTERM)
 
     @staticmethod
     def _folder(trainer) -> Path:
