@@ -731,7 +731,9 @@ def test_predict_and_test_subcommands(tmp_path):
     assert [r["id"] for r in rows] == [s.id for s in test_samples[:4]]  # the first batch of the test split, in order
     assert [r["answer"] for r in rows] == [s.answer for s in test_samples[:4]]
     paper = WeightedReward.paper_default()
+    entropy = {s.id: s.visual_entropy for s in test_samples}
     for row in rows:
+        assert row["visual_entropy"] == pytest.approx(entropy[row["id"]]) and row["prompt"].endswith("<|im_start|>assistant\n")
         assert row["prediction"] == extract_answer(row["completion"])
         assert row["reward"] == pytest.approx(float(paper([row["completion"]], [row["answer"]]).total))
 

@@ -239,8 +239,15 @@ class EvaluationCompletionsCallback(L.Callback):
             _append_jsonl(folder / f"{stage}_completions.jsonl", [{"step": trainer.global_step, **r} for r in records])
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        _append_jsonl(self._predictions_path(trainer), list(outputs))
+
+    def on_predict_end(self, trainer, pl_module) -> None:
+        rank_zero_info(f"predictions written to {self._predictions_path(trainer)}")
+
+    @staticmethod
+    def _predictions_path(trainer) -> Path:
         name = "predictions.jsonl" if trainer.world_size == 1 else f"predictions-rank{trainer.global_rank}.jsonl"
-        _append_jsonl(_log_dir(trainer) / name, list(outputs))
+        return _log_dir(trainer) / name
 
 
 class PreemptionCheckpoint(L.Callback):

@@ -68,10 +68,12 @@ def accuracy_by(records: Sequence[dict[str, Any]], column: str) -> dict[str, flo
 
 
 def prediction_rows(scored: ScoredRollouts) -> list[dict[str, Any]]:
-    """What ``durian predict`` returns per sample: the completion, its extracted answer, the gold answer, the reward."""
+    """What ``durian predict`` returns per sample: the question and the prompt the model saw, the completion, its
+    extracted answer, the gold answer, the reward and the image's visual entropy."""
     completions = scored.rollout.completions
     return [
-        {"id": scored.ids[i], "problem": scored.problems[i], "completion": completions[i],
-         "prediction": extract_answer(completions[i]), "answer": scored.answers[i], "reward": float(scored.rewards[i])}
+        {"id": scored.ids[i], "problem": scored.problems[i], "prompt": scored.rollout.prompts[i],
+         "completion": completions[i], "prediction": extract_answer(completions[i]), "answer": scored.answers[i],
+         "reward": float(scored.rewards[i]), "visual_entropy": float(scored.visual_entropy[i])}
         for i in range(scored.num_prompts)
     ]
