@@ -97,6 +97,10 @@ def test_fit_and_validate_through_the_cli(tmp_path, model):
     adapter = Path(trainer.log_dir) / "adapter"
     assert (adapter / "adapter_config.json").is_file()
     assert Path(json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]).is_absolute()
+    card = (adapter / "README.md").read_text()  # says what it was trained from and with
+    base = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert f"base model: `{base}`" in card and f"data: `{DATA}`" in card and "advantages: `durian`, alphas [0.1, 0.2, 0.7]" in card
+    assert "trained for 2 updates" in card and "config.yaml" in card
 
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText
@@ -721,11 +725,13 @@ def test_predict_and_test_subcommands(tmp_path):
     assert len(tested.model.eval_records) == 4
     assert float(tested.trainer.callback_metrics["test/accuracy"]) == pytest.approx(
         sum(r["correct"] for r in tested.model.eval_records) / 4)
-    predicted = run_cli(["predict", *fit_args(tmp_path / "p", "tiny:llava", "--trainer.limit_predict_batches", "1")])
+    chosen = tmp_path / "out" / "predicted.jsonl"
+    predicted = run_cli(["predict", *fit_args(tmp_path / "p", "tiny:llava", "--trainer.limit_predict_batches", "1"),
+                         "--predictions_path", str(chosen)])
     (rows,) = predicted.trainer.predict_loop.predictions
     import json
 
-    written = [json.loads(line) for line in open(Path(predicted.trainer.log_dir) / "predictions.jsonl")]
+    written = [json.loads(line) for line in open(chosen)]
     assert written == rows
     test_samples = predicted.datamodule.samples["test"]
     assert [r["id"] for r in rows] == [s.id for s in test_samples[:4]]  # the first batch of the test split, in order

@@ -238,16 +238,18 @@ class EvaluationCompletionsCallback(L.Callback):
         if trainer.is_global_zero and records:
             _append_jsonl(folder / f"{stage}_completions.jsonl", [{"step": trainer.global_step, **r} for r in records])
 
+    def __init__(self, predictions_path: str | None = None):
+        self.predictions_path = predictions_path  # default: the run's folder / predictions.jsonl
+
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         _append_jsonl(self._predictions_path(trainer), list(outputs))
 
     def on_predict_end(self, trainer, pl_module) -> None:
         rank_zero_info(f"predictions written to {self._predictions_path(trainer)}")
 
-    @staticmethod
-    def _predictions_path(trainer) -> Path:
-        name = "predictions.jsonl" if trainer.world_size == 1 else f"predictions-rank{trainer.global_rank}.jsonl"
-        return _log_dir(trainer) / name
+    def _predictions_path(self, trainer) -> Path:
+        path = Path(self.predictions_path) if self.predictions_path else _log_dir(trainer) / "predictions.jsonl"
+        return path if trainer.world_size == 1 else path.with_name(f"{path.stem}-rank{trainer.global_rank}{path.suffix}")
 
 
 class PreemptionCheckpoint(L.Callback):

@@ -13,6 +13,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
+from typing import Optional
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
@@ -78,9 +79,18 @@ class DurianCLI(LightningCLI):
                             help="fit only: a checkpoint every N optimizer steps (the latest kept, plus last.ckpt for "
                                  "--ckpt_path), so a crash loses at most N steps; 0 = Lightning's default (each epoch "
                                  "end). A ModelCheckpoint of your own in trainer.callbacks takes precedence")
+        parser.add_argument("--predictions_path", type=Optional[str], default=None,
+                            help="predict only: the JSONL file predictions go to (default: the run's folder / "
+                                 "predictions.jsonl)")
         parser.add_argument("--validate_before_fit", type=bool, default=False,
                             help="fit only: one validation pass before the first update (logged at step 0), the "
                                  "starting point every later validation is read against; skipped when resuming")
+
+    def before_predict(self) -> None:
+        path = self.config["predict"].get("predictions_path")
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, EvaluationCompletionsCallback) and path:
+                callback.predictions_path = path
 
     def before_fit(self) -> None:
         config = self.config["fit"]

@@ -378,3 +378,36 @@ class DurianGRPO(L.LightningModule):
             config.base_model_name_or_path = str(Path(config.base_model_name_or_path).resolve())
         self.model.save_pretrained(folder)
         self.processor.save_pretrained(folder)
+        (Path(folder) / "README.md").write_text(self.adapter_card(config.base_model_name_or_path, run_dir))
+
+    def adapter_card(self, base: str, run_dir: str) -> str:
+        """The adapter's model card: what it was trained from and with, and how to load it (replaces peft's blank
+        template)."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        source = getattr(datamodule, "hparams", {}).get("source", "unknown") if datamodule is not None else "unknown"
+        advantages, rollout, loss = self.advantages, self.rollout, self.loss_config
+        alphas = f", alphas {list(advantages.alphas)}" if advantages.estimator == "durian" else ""
+        return "\n".join([
+            "# LoRA adapter trained with durian-lightning",
+            "",
+            f"- base model: `{base}` (the path or hub id peft loads it from)",
+            f"- data: `{source}`",
+            f"- advantages: `{advantages.estimator}`{alphas}; loss: clip {loss.eps_low} / {loss.eps_high}, "
+            f"KL {loss.kl_coef} ({loss.kl_estimator}), {loss.aggregation}"
+            + (", dynamic sampling" if self.optimization.dynamic_sampling else ""),
+            f"- G = {rollout.num_generations}, max_new_tokens {rollout.max_new_tokens}, temperature {rollout.temperature}, "
+            f"learning rate {self.optimization.learning_rate}, LoRA r {self.lora.r} / alpha {self.lora.alpha} on `{self.lora.target_modules}`",
+            f"- trained for {self.trainer.global_step} update{'s' * (self.trainer.global_step != 1)}",
+            f"- the full configuration: `{Path(run_dir).resolve() / 'config.yaml'}` (rerun with `durian fit --config` on it)",
+            "",
+            "Load it:",
+            "",
+            "```python",
+            "from peft import PeftModel",
+            "from transformers import AutoModelForImageTextToText, AutoProcessor",
+            "",
+            f'model = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained("{base}"), "<this folder>")',
+            'processor = AutoProcessor.from_pretrained("<this folder>")',
+            "```",
+            "",
+        ])
