@@ -811,8 +811,8 @@ def test_sampled_mean_and_pass_at_k_by_hand():
     # 3 prompts x k = 4: two right of four; none; all four
     correct = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0])
     values = sampled_accuracy(correct, 4)
-    assert values["mean_at_k"].tolist() == [0.5, 0.0, 1.0]
-    assert values["pass_at_k"].tolist() == [1.0, 0.0, 1.0]
+    assert values["mean@k"].tolist() == [0.5, 0.0, 1.0]
+    assert values["pass@k"].tolist() == [1.0, 0.0, 1.0]
     with pytest.raises(ValueError, match="not k = 4 per prompt"):
         sampled_accuracy(correct[:10], 4)
 

@@ -21,6 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from ._distributed import all_gather_records
 from .advantages import Advantages, consecutive_prompt_index, grpo_advantages
 from .difficulty import perceptual_groups
+from .rewards import RewardError
 
 
 def _log_dir(trainer) -> Path:
@@ -294,9 +295,6 @@ class PreemptionCheckpoint(L.Callback):
         from lightning.pytorch.utilities.exceptions import SIGTERMException
 
         self._restore_sigint()  # the teardown hook is not called on this path
-
-        from .rewards import RewardError
-
         if trainer.state.fn != "fit":
             return
         if isinstance(exception, RewardError):

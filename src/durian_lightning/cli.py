@@ -88,8 +88,10 @@ class DurianCLI(LightningCLI):
 
     def before_predict(self) -> None:
         path = self.config["predict"].get("predictions_path")
+        if not path:
+            return
         for callback in self.trainer.callbacks:
-            if isinstance(callback, EvaluationCompletionsCallback) and path:
+            if isinstance(callback, EvaluationCompletionsCallback):
                 callback.predictions_path = path
 
     def before_fit(self) -> None:

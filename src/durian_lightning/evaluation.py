@@ -13,7 +13,7 @@ from .scoring import ScoredRollouts
 
 # one metric per name and stage; every rank updates every one (an absent group is an empty update) so they sync as one
 METRIC_NAMES = ("accuracy", "reward", *(f"accuracy_perceptual_{k}" for k in range(3)))
-SAMPLED_METRIC_NAMES = ("mean_at_k", "pass_at_k")  # logged as mean@k / pass@k when evaluation.samples = k > 0
+SAMPLED_METRIC_NAMES = ("mean@k", "pass@k")  # logged with k spelled out (mean@8) when evaluation.samples = k > 0
 
 
 def correctness(scored: ScoredRollouts) -> torch.Tensor:
@@ -38,7 +38,7 @@ def sampled_accuracy(correct: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
     if correct.numel() % k:
         raise ValueError(f"{correct.numel()} completions are not k = {k} per prompt")
     per_prompt = correct.view(-1, k)
-    return {"mean_at_k": per_prompt.mean(1), "pass_at_k": (per_prompt > 0).any(1).to(correct.dtype)}
+    return {"mean@k": per_prompt.mean(1), "pass@k": (per_prompt > 0).any(1).to(correct.dtype)}
 
 
 def sample_records(scored: ScoredRollouts, batch: dict[str, Any]) -> list[dict[str, Any]]:

@@ -328,9 +328,9 @@ class DurianGRPO(L.LightningModule):
             for name, values in sampled_accuracy(correctness(sampled), k).items():
                 metric = self.eval_metrics[f"{stage}_{name}"]
                 metric.update(values)
-                self.log(f"{stage}/{name.split('_')[0]}@{k}", metric)
+                self.log(f"{stage}/{name.removesuffix('k')}{k}", metric)
                 for record, value in zip(records, values.tolist()):
-                    record[f"{name.split('_')[0]}@k"] = value
+                    record[name] = value
         self.eval_records.extend(records)
 
     def _log_breakdowns(self, stage: str) -> None:

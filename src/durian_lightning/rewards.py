@@ -244,6 +244,9 @@ class RewardScores:
     failures: list[str] = field(default_factory=list)  # with on_error="zero": what failed, one message per score
 
 
+ON_ERROR = ("stop", "zero")  # what a failing reward function does to the run: stop it, or score that completion 0
+
+
 class RewardError(ValueError, RuntimeError):
     """A reward function raised or returned something that is not one finite number per completion."""
 
@@ -258,8 +261,8 @@ class WeightedReward:
     """
 
     def __init__(self, terms: Sequence[tuple[str, str | Callable, float]], on_error: str = "stop"):
-        if on_error not in ("stop", "zero"):
-            raise ValueError(f"on_error must be 'stop' or 'zero', got {on_error!r}")
+        if on_error not in ON_ERROR:
+            raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
         self.on_error = on_error
         if not terms:
             raise ValueError("WeightedReward needs at least one (name, function, weight) term")

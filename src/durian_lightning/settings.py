@@ -14,7 +14,7 @@ from typing import Literal
 from .advantages import AdvantageSettings
 from .losses import Aggregation, KLEstimator, PolicyLossConfig
 from .models.loading import DEFAULT_LORA_TARGETS
-from .rewards import WeightedReward
+from .rewards import ON_ERROR, WeightedReward
 from .rollout import SamplingConfig
 
 __all__ = [
@@ -154,8 +154,8 @@ class RewardSettings:
     def __post_init__(self) -> None:
         if self.functions and self.weights is not None and len(self.weights) != len(self.functions):
             raise ValueError(f"{len(self.functions)} reward functions but {len(self.weights)} reward weights")
-        if self.on_error not in ("stop", "zero"):
-            raise ValueError(f"reward.on_error must be 'stop' or 'zero', got {self.on_error!r}")
+        if self.on_error not in ON_ERROR:
+            raise ValueError(f"reward.on_error must be one of {ON_ERROR}, got {self.on_error!r}")
 
     def build(self) -> WeightedReward:
         """The weighted reward (importing every function now, so a wrong path fails before any compute)."""
