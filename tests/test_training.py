@@ -14,6 +14,7 @@ from durian_lightning.advantages import ESTIMATORS
 from durian_lightning.module import DurianGRPO
 from durian_lightning.settings import (
     AdvantageSettings,
+    EvaluationSettings,
     LossSettings,
     OptimizationSettings,
     RewardSettings,
@@ -131,6 +132,9 @@ def test_validation_before_the_first_update_is_logged_at_step_zero(tmp_path):
 
 def test_checkpoints_every_n_steps_keep_the_latest_and_last(tmp_path):
     from lightning.pytorch.callbacks import ModelCheckpoint
+
+    with pytest.raises(ValueError, match="checkpoint_every_n_steps must be >= 0"):
+        run_cli(["fit", *fit_args(tmp_path / "neg", "tiny:llava", "--checkpoint_every_n_steps", "-1")])
 
     args = ["--trainer.limit_val_batches", "0", "--trainer.max_steps", "4", "--checkpoint_every_n_steps", "2"]
     cli = run_cli(["fit", *fit_args(tmp_path / "a", "tiny:llava", *args)])
@@ -464,6 +468,8 @@ def test_completion_mask_stops_after_the_first_eos():
         (lambda: RewardSettings(functions=["durian_lightning.rewards:format_reward"], weights=[1.0, 2.0]),
          "1 reward functions but 2 reward weights"),
         (lambda: LossSettings(preset="ppo"), "unknown loss preset"),
+        (lambda: RewardSettings(on_error="ignore"), "reward.on_error must be one of"),
+        (lambda: EvaluationSettings(samples=-1), "evaluation.samples must be >= 0"),
     ],
 )
 def test_impossible_settings_are_refused_when_built(make, message):
