@@ -40,6 +40,7 @@ from .evaluation import (
 )
 from .global_batch import UpdateRecord, gather_global_batch
 from .models.loading import load_policy
+from .image_features import ImageFeatures
 from .models.reference import ReferencePolicy
 from .rollout import completion_logprobs, generate_rollouts
 from .scoring import ScoredRollouts, score_rollouts
@@ -104,6 +105,7 @@ class DurianGRPO(L.LightningModule):
         self.reward = as_settings(reward, RewardSettings).build()
         self.model = self.processor = None
         self.reference: ReferencePolicy | None = None  # for the KL term, built with the model
+        self.image_features: ImageFeatures | None = None  # each image encoded once per step, built with the model
         self.buffer = PromptBuffer() if self.optimization.dynamic_sampling else None
         self.last_update: UpdateRecord | None = None  # what the last update saw, for callbacks
         self._phase_seconds: dict[str, float] = {}
@@ -126,6 +128,7 @@ class DurianGRPO(L.LightningModule):
         )
         if self.loss_config.kl_coef > 0:
             self.reference = ReferencePolicy(self.model, lora=self.lora.enabled)
+        self.image_features = ImageFeatures(self.model, self.processor, self.rollout.reuse_image_features)
 
     def setup(self, stage: str) -> None:
         if stage == "fit":
@@ -151,10 +154,13 @@ class DurianGRPO(L.LightningModule):
         return [p for p in self.model.parameters() if p.requires_grad]
 
     def policy_logprobs(self, rollout, rows: torch.Tensor) -> torch.Tensor:
-        return completion_logprobs(self.model, self.processor, rollout, rows, self.rollout.temperature)
+        return completion_logprobs(self.model, self.processor, rollout, rows, self.rollout.temperature,
+                                   self.image_features)
 
     def reference_logprobs(self, rollout, rows: torch.Tensor) -> torch.Tensor:
-        return self.reference(completion_logprobs, self.processor, rollout, rows, self.rollout.temperature)
+        # the reference differs from the policy only in trained weights, so reused image features are its own too
+        return self.reference(completion_logprobs, self.processor, rollout, rows, self.rollout.temperature,
+                              self.image_features)
 
     # ------------------------------------------------------------------------------------------ training
 
@@ -169,7 +175,7 @@ class DurianGRPO(L.LightningModule):
             generated = generate_rollouts(self.model, self.processor, batch["prompt"], batch["images"],
                                           self.rollout.num_generations, self.rollout.sampling(),
                                           self.rollout.max_prompt_length, batch["id"],
-                                          self.rollout.max_sequences_per_generate)
+                                          self.rollout.max_sequences_per_generate, self.image_features)
         with self._timed("reward"):
             scored = score_rollouts(generated, batch, self.reward, self.rollout.num_generations,
                                     self.advantages.confidence_reduction, self.device)
@@ -206,6 +212,14 @@ class DurianGRPO(L.LightningModule):
         })
         self.log("reward", float(scored.rewards.mean()), prog_bar=True, logger=False)
         return None
+
+    def on_train_batch_end(self, outputs, batch: dict[str, Any], batch_idx: int) -> None:
+        self._forget_image_features()
+
+    def _forget_image_features(self) -> None:
+        """Free the features of this step's images (a buffered prompt's are encoded again when it is trained on)."""
+        if self.image_features is not None:
+            self.image_features.clear()
 
     def _report_reward_failures(self, failures: tuple[str, ...]) -> None:
         """With ``reward.on_error: zero``: how many scores failed this step (a metric, 0 on a healthy run), and what
@@ -288,7 +302,9 @@ class DurianGRPO(L.LightningModule):
         self._evaluate(batch, "test")
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
-        return prediction_rows(self._generate_once(batch))
+        rows = prediction_rows(self._generate_once(batch))
+        self._forget_image_features()
+        return rows
 
     def on_validation_epoch_start(self) -> None:
         self.eval_records = []
@@ -313,7 +329,7 @@ class DurianGRPO(L.LightningModule):
         """``k`` completions per prompt (one, greedy unless ``evaluation.do_sample``, by default), scored."""
         generated = generate_rollouts(self.model, self.processor, batch["prompt"], batch["images"], k,
                                       self.evaluation.sampling(self.rollout, do_sample), self.rollout.max_prompt_length,
-                                      batch["id"], self.rollout.max_sequences_per_generate)
+                                      batch["id"], self.rollout.max_sequences_per_generate, self.image_features)
         return score_rollouts(generated, batch, self.reward, k, self.advantages.confidence_reduction, self.device)
 
     def _evaluate(self, batch: dict[str, Any], stage: str) -> None:
@@ -332,6 +348,7 @@ class DurianGRPO(L.LightningModule):
                 for record, value in zip(records, values.tolist()):
                     record[name] = value
         self.eval_records.extend(records)
+        self._forget_image_features()
 
     def _log_breakdowns(self, stage: str) -> None:
         """Accuracy per source and per question type, and the answer-prior baseline beside each, over every rank's

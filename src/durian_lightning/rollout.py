@@ -5,7 +5,9 @@ token's log-prob (:class:`SampledTokenLogprobs`), which gives the sequence confi
 Log-probs are recomputed with one forward function (:func:`completion_logprobs`) for the policy, the old policy (when
 a rollout batch feeds several optimizer steps) and the reference, so the ratio is exactly 1 where the weights are the
 same. Each forward re-encodes its rows' prompts with the processor: that keeps the code architecture-agnostic (LLaVA
-pixel tensors, Qwen-VL patch lists with grids) at the cost of repeating the cheap image preprocessing.
+pixel tensors, Qwen-VL patch lists with grids) at the cost of repeating the cheap image preprocessing; the expensive
+part, the vision tower, runs once per image and step when an :class:`~durian_lightning.image_features.ImageFeatures`
+is passed (see there).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from typing import Sequence
 import torch
 from PIL import Image
 from transformers import GenerationConfig, LogitsProcessor
+
+from .image_features import ImageFeatures
 
 
 @dataclass(frozen=True)
@@ -195,11 +199,12 @@ def generate_rollouts(
     max_prompt_length: int | None = None,
     ids: Sequence[str] | None = None,
     max_sequences_per_call: int | None = None,
+    image_features: ImageFeatures | None = None,
 ) -> Rollout:
     """``num_generations`` completions of every prompt, G consecutive rows per prompt.
 
     ``max_sequences_per_call`` bounds how many rows one ``generate`` call holds (its KV cache grows with rows x
-    tokens); by default all rows go in one call.
+    tokens); by default all rows go in one call. ``image_features``: encode each image once for all its rows.
     """
     rows_prompts = [p for p in prompts for _ in range(num_generations)]
     rows_images = [list(im) for im in images for _ in range(num_generations)]
@@ -207,17 +212,19 @@ def generate_rollouts(
     step = max_sequences_per_call or len(rows_prompts) or 1
     parts = [
         _generate(model, processor, rows_prompts[first : first + step], rows_images[first : first + step], sampling,
-                  max_prompt_length, None if rows_ids is None else rows_ids[first : first + step])
+                  max_prompt_length, None if rows_ids is None else rows_ids[first : first + step], image_features)
         for first in range(0, len(rows_prompts), step)
     ]
     return parts[0] if len(parts) == 1 else Rollout.concat(parts)
 
 
-def _generate(model, processor, rows_prompts, rows_images, sampling: SamplingConfig, max_prompt_length, rows_ids) -> Rollout:
+def _generate(model, processor, rows_prompts, rows_images, sampling: SamplingConfig, max_prompt_length, rows_ids,
+              image_features: ImageFeatures | None) -> Rollout:
     """One batched ``generate`` call over these rows."""
     encoded = encode_prompts(processor, rows_prompts, rows_images, max_prompt_length, rows_ids)
     device = next(model.parameters()).device
     encoded = encoded.to(device)
+    inputs = image_features.model_inputs(encoded, rows_images) if image_features is not None else dict(encoded)
     eos_ids = _eos_ids(model, processor.tokenizer)
     temperature = sampling.temperature if sampling.do_sample else 1.0
     recorder = SampledTokenLogprobs(temperature, multimodal_token_ids(model))
@@ -229,7 +236,7 @@ def _generate(model, processor, rows_prompts, rows_images, sampling: SamplingCon
     model.eval()
     try:
         with _neutral_generation_config(model):
-            output = model.generate(**encoded, **kwargs)
+            output = model.generate(**inputs, **kwargs)
     finally:
         model.train(was_training)
     completion_ids = output[:, encoded["input_ids"].shape[1] :]
@@ -242,19 +249,21 @@ def _generate(model, processor, rows_prompts, rows_images, sampling: SamplingCon
                    token_entropy)
 
 
-def completion_logprobs(model, processor, rollout: Rollout, rows: torch.Tensor | Sequence[int], temperature: float = 1.0) -> torch.Tensor:
+def completion_logprobs(model, processor, rollout: Rollout, rows: torch.Tensor | Sequence[int], temperature: float = 1.0,
+                        image_features: ImageFeatures | None = None) -> torch.Tensor:
     """``(len(rows), T)`` log-probs of the completion tokens under ``model`` (gradients flow if enabled).
 
     The logits are divided by the sampling temperature, so the old-policy log-probs match the distribution the
-    completions were sampled from.
+    completions were sampled from. ``image_features``: the step's encoded images, reused instead of re-encoding.
     """
     rows = torch.as_tensor(rows).tolist()
-    encoded = encode_prompts(processor, [rollout.prompts[i] for i in rows], [rollout.images[i] for i in rows], None)
+    rows_images = [rollout.images[i] for i in rows]
+    encoded = encode_prompts(processor, [rollout.prompts[i] for i in rows], rows_images, None)
     device = next(model.parameters()).device
     encoded = encoded.to(device)
     completion = rollout.completion_ids[rows].to(device)
     mask = rollout.completion_mask[rows].to(device)
-    inputs = dict(encoded)
+    inputs = image_features.model_inputs(encoded, rows_images) if image_features is not None else dict(encoded)
     inputs["input_ids"] = torch.cat([encoded["input_ids"], completion], dim=1)
     inputs["attention_mask"] = torch.cat([encoded["attention_mask"], mask.to(encoded["attention_mask"].dtype)], dim=1)
     if "mm_token_type_ids" in inputs:  # Qwen-VL marks image tokens; completion tokens are text

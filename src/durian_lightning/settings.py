@@ -75,6 +75,8 @@ class RolloutSettings:
         max_prompt_length: a prompt longer than this many tokens (images included) is an error naming the sample.
         max_sequences_per_generate: the most rows (prompts x G) one ``generate`` call holds; the KV cache of a call
             grows with rows x tokens, so this bounds a step's peak memory (default: the whole batch in one call).
+        reuse_image_features: encode each image once per step and reuse its features in generation and every
+            log-prob pass, when nothing on the image path trains (image_features.py); False encodes in every pass.
     """
 
     num_generations: int = 8
@@ -84,6 +86,7 @@ class RolloutSettings:
     top_k: int = 0
     max_prompt_length: int = 2048
     max_sequences_per_generate: int | None = None
+    reuse_image_features: bool = True
 
     def __post_init__(self) -> None:
         if self.max_sequences_per_generate is not None:

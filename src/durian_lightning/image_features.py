@@ -1,0 +1,124 @@
+"""Each image of a step encoded once.
+
+A training step runs the model over the same images many times: ``generate`` holds G copies of every prompt, and
+the old-policy, reference and policy log-prob passes hold them again. When nothing on the image path trains (LoRA on
+the language model, the default), the vision tower and projector give the same features every time, so
+:class:`ImageFeatures` encodes each distinct image once and hands the model its features in place of the pixels
+(transformers' ``mm_encoder_outputs``: the model skips its vision tower and scatters the given features into the
+image-token positions, exactly as it would its own). For Qwen2.5-VL-7B that is the 675M-parameter vision tower over
+up to thousands of patches per image, once instead of G x (passes + 1) times.
+
+Features are computed in eval mode and without gradients; they are reused only when no module the image path runs
+holds a trainable parameter (checked once, on the first image), so a trained vision tower or projector (LoRA on it,
+or full fine-tuning) always re-encodes.
+Transformers before 5.18 cannot take precomputed features: there every pass encodes its rows' images, as before.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from typing import Any, Iterable, Sequence
+
+import torch
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+
+def _inner_model(model):
+    """The transformers model under a peft wrapper, and under its ``ForConditionalGeneration`` head."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(base, "model", base)
+
+
+def accepts_precomputed_features(model) -> bool:
+    """Whether this transformers model takes ``mm_encoder_outputs`` (transformers 5.18 and later)."""
+    inner = _inner_model(model)
+    return hasattr(inner, "get_image_features") and "mm_encoder_outputs" in inspect.signature(inner.forward).parameters
+
+
+class ImageFeatures:
+    """The features of the images of one step, each encoded once; :meth:`clear` between steps.
+
+    Keyed by image object: the G rows of a prompt share its ``PIL.Image`` objects (``generate_rollouts`` repeats
+    references, not copies), so a row finds its prompt's features whatever batch or chunk it lands in. The images are
+    held with their features, so a key is never reused by another object while cached.
+    """
+
+    def __init__(self, model, processor, enabled: bool = True):
+        self.model, self.processor = model, processor
+        self.enabled = enabled and accepts_precomputed_features(model)
+        self._encoder_is_frozen: bool | None = None  # decided on the first image
+        self._cache: dict[int, tuple[Image.Image, torch.Tensor]] = {}
+        if enabled and not self.enabled:
+            log.info("this transformers version cannot take precomputed image features (5.18 and later can): every "
+                     "pass encodes its rows' images")
+
+    def __len__(self) -> int:
+        return len(self._cache)
+
+    def clear(self) -> None:
+        self._cache.clear()
+
+    def reusable(self, images: Sequence[Image.Image]) -> bool:
+        """Features can stand in for pixels: supported, and nothing on the image path trains."""
+        if not self.enabled or not images:
+            return False
+        if self._encoder_is_frozen is None:
+            self._encoder_is_frozen = not self._image_path_trains(images[0])
+            log.info("image features: %s", "each image encoded once per step (the image path is frozen)"
+                     if self._encoder_is_frozen else "encoded in every pass (the vision tower or projector trains)")
+        return self._encoder_is_frozen
+
+    def model_inputs(self, encoded, rows_images: Sequence[Sequence[Image.Image]]) -> dict[str, Any]:
+        """The processor's ``encoded`` rows as model keyword arguments: with the cached features of their images in
+        place of ``pixel_values`` when they can be reused, else unchanged. The token ids, attention mask and image
+        grids stay (positions, e.g. Qwen-VL's M-RoPE, are computed from them)."""
+        flat = [image for row in rows_images for image in row]
+        inputs = dict(encoded)
+        if "pixel_values" not in inputs or not self.reusable(flat):
+            return inputs
+        self._add(flat)
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        device = inputs["pixel_values"].device
+        del inputs["pixel_values"]
+        features = [self._cache[id(image)][1].to(device) for image in flat]
+        inputs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=features)}
+        return inputs
+
+    def _image_path_trains(self, image: Image.Image) -> bool:
+        """Whether a module the encoder runs holds a trainable parameter. Read from the modules, not from the output's
+        ``requires_grad``, which is False under ``no_grad`` / ``inference_mode`` (validation) whatever trains."""
+        ran: list[torch.nn.Module] = []
+        handles = [m.register_forward_pre_hook(lambda module, args: ran.append(module)) for m in self.model.modules()]
+        try:
+            with torch.no_grad():
+                self._encode([image])
+        finally:
+            for handle in handles:
+                handle.remove()
+        return any(p.requires_grad for module in ran for p in module.parameters(recurse=False))
+
+    def _add(self, images: Iterable[Image.Image]) -> None:
+        missing = list({id(image): image for image in images if id(image) not in self._cache}.values())
+        if missing:
+            with torch.no_grad():
+                for image, features in zip(missing, self._encode(missing)):
+                    self._cache[id(image)] = (image, features)
+
+    def _encode(self, images: Sequence[Image.Image]) -> list[torch.Tensor]:
+        """``(tokens_i, hidden)`` features of each image, as the model's forward computes them from pixels."""
+        inner = _inner_model(self.model)
+        pixels = self.processor.image_processor(images=list(images), return_tensors="pt")
+        accepted = inspect.signature(inner.get_image_features).parameters
+        device = next(self.model.parameters()).device
+        kwargs = {k: v.to(device) for k, v in pixels.items() if k in accepted}
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            output = inner.get_image_features(**kwargs, return_dict=True)
+        finally:
+            self.model.train(was_training)
+        return list(output.pooler_output)
