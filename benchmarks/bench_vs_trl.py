@@ -1,16 +1,25 @@
 """Time per optimizer step and peak memory: DurianGRPO against TRL's GRPOTrainer on the same tiny VLM and batch.
 
     .venv/bin/pip install -e ".[bench]"          # TRL is a benchmark-only extra
-    .venv/bin/python benchmarks/bench_vs_trl.py [--steps 12] [--warmup 3] [--repeats 3] [--json out.json]
+    .venv/bin/python benchmarks/bench_vs_trl.py [--shape small|realistic] [--steps 12] [--warmup 3] [--repeats 3]
+                                                [--json out.json]
 
-Both sides train the offline default model (tiny:llava-format, float32, CPU or one GPU) from the same weights, with
-the same LoRA (r 16, alpha 32, the default config's target modules), 8 prompts x G = 8 rollouts per optimizer step in
-one micro-batch, max_new_tokens 24, temperature 1, lr 1e-3, no KL term (so neither side runs a reference pass), the
-GRPO loss (clip 0.2, per-sequence token mean), one pass over each rollout batch and the same reward function
-(0.1 format + 0.9 accuracy). Sides:
+Both sides train the same model from the same weights (float32, CPU or one GPU), with the same LoRA (r 16, alpha 32,
+the default config's target modules), 8 prompts x G = 8 rollouts per optimizer step in one micro-batch, temperature 1,
+lr 1e-3, no KL term (so neither side runs a reference pass), the GRPO loss (clip 0.2, per-sequence token mean), one
+pass over each rollout batch and the same reward function (0.1 format + 0.9 accuracy). Shapes:
+
+* ``small``      tiny:llava-format on the bundled 64 x 64 images, 24 new tokens (16 image tokens: the vision tower
+                 costs next to nothing)
+* ``realistic``  a tiny Qwen2.5-VL (the test architecture) on the bundled scenes upscaled to 448 x 448 (1,024 patches,
+                 256 image tokens per prompt), 128 new tokens
+
+Sides:
 
 * ``ours-grpo``   DurianGRPO with estimator=grpo (the same algorithm as TRL's)
 * ``ours-durian`` DurianGRPO with estimator=durian (adds the confidence grouping; entropies come from the cache)
+* ``ours-grpo-encode-every-pass``  ours-grpo with ``rollout.reuse_image_features: false``: the vision tower runs on
+                  every row of every pass, as before images were encoded once per step (the before of that change)
 * ``trl-grpo``    trl.GRPOTrainer with scale_rewards="group", loss_type="grpo", beta=0
 
 Every side runs in its own process (peak memory is per process), the sides alternate ``--repeats`` times, and the
@@ -35,11 +44,34 @@ from pathlib import Path
 from _memory import PeakMemory  # benchmarks/, the script's folder
 
 REPO = Path(__file__).resolve().parents[1]
-MODEL = "tiny:llava-format"
-PROMPTS, G, MAX_NEW_TOKENS, LR = 8, 8, 24, 1e-3
+PROMPTS, G, LR = 8, 8, 1e-3
 LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0,
             target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)")
-SIDES = ("ours-grpo", "ours-durian", "trl-grpo")
+SIDES = ("ours-grpo", "ours-durian", "ours-grpo-encode-every-pass", "trl-grpo")
+MAX_NEW_TOKENS = {"small": 24, "realistic": 128}
+REALISTIC_IMAGE_SIZE = 448
+
+
+def prepare_shape(shape: str, folder: Path) -> tuple[str, str]:
+    """``(model, data source)`` of a shape; the realistic one is built into ``folder``: a tiny Qwen2.5-VL that keeps
+    448 x 448 images whole, and the bundled training rows with their images upscaled to that size."""
+    bundled = REPO / "data" / "synthetic"
+    if shape == "small":
+        return "tiny:llava-format", str(bundled)
+    from PIL import Image
+
+    from durian_lightning.models import tiny_vlm_path
+
+    model = tiny_vlm_path(folder / "tiny-qwen2.5-vl-448", "qwen2_5_vl", max_pixels=REALISTIC_IMAGE_SIZE**2)
+    source = folder / "scenes-448"
+    (source / "images").mkdir(parents=True, exist_ok=True)
+    rows = [json.loads(line) for line in (bundled / "train.jsonl").read_text().splitlines()]
+    for row in rows:
+        for name in row["images"]:
+            image = Image.open(bundled / name).convert("RGB")
+            image.resize((REALISTIC_IMAGE_SIZE,) * 2, Image.Resampling.BICUBIC).save(source / name)
+    (source / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(model), str(source)
 
 
 class _Timer:
@@ -70,15 +102,15 @@ class _Timer:
                 "step_memory_mb": memory["added_mb"], "peak_memory_mb": memory["peak_mb"]}
 
 
-def _data():
-    """The bundled synthetic data with the default prompts, entropies from the policy's encoder (cached)."""
+def _data(model: str, source: str):
+    """The shape's data with the default prompts, entropies from the policy's encoder (cached)."""
     from durian_lightning.data import MultimodalReasoningDataModule
 
-    return MultimodalReasoningDataModule(source=str(REPO / "data" / "synthetic"), model_name_or_path=MODEL,
-                                         batch_size=PROMPTS, progress=False)
+    return MultimodalReasoningDataModule(source=source, model_name_or_path=model, batch_size=PROMPTS, progress=False)
 
 
-def run_ours(estimator: str, steps: int, root: str) -> dict:
+def run_ours(estimator: str, reuse_image_features: bool, model: str, source: str, max_new_tokens: int, steps: int,
+             root: str) -> dict:
     import lightning as L
 
     from durian_lightning import DurianGRPO
@@ -102,10 +134,11 @@ def run_ours(estimator: str, steps: int, root: str) -> dict:
     )
 
     module = DurianGRPO(
-        model_name_or_path=MODEL,
+        model_name_or_path=model,
         lora=LoraSettings(r=LORA["r"], alpha=LORA["lora_alpha"], dropout=LORA["lora_dropout"],
                           target_modules=LORA["target_modules"]),
-        rollout=RolloutSettings(num_generations=G, max_new_tokens=MAX_NEW_TOKENS, temperature=1.0),
+        rollout=RolloutSettings(num_generations=G, max_new_tokens=max_new_tokens, temperature=1.0,
+                                reuse_image_features=reuse_image_features),
         advantages=AdvantageSettings(estimator=estimator, num_reasoning_groups=4),
         loss=LossSettings(preset="grpo", kl_coef=0.0),
         optimization=OptimizationSettings(learning_rate=LR, micro_batch_size=PROMPTS * G),
@@ -116,11 +149,11 @@ def run_ours(estimator: str, steps: int, root: str) -> dict:
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[StepTimer()],
         default_root_dir=root,
     )
-    trainer.fit(module, datamodule=_data())
+    trainer.fit(module, datamodule=_data(model, source))
     return timer.result()
 
 
-def run_trl(steps: int, root: str) -> dict:
+def run_trl(model: str, source: str, max_new_tokens: int, steps: int, root: str) -> dict:
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerCallback
@@ -129,7 +162,7 @@ def run_trl(steps: int, root: str) -> dict:
     from durian_lightning.models.loading import resolve_model_path
     from durian_lightning.rewards import WeightedReward
 
-    data = _data()
+    data = _data(model, source)
     data.prepare_data()
     data.setup("fit")
     rows = []
@@ -159,10 +192,10 @@ def run_trl(steps: int, root: str) -> dict:
             if logs and "completions/mean_length" in logs:
                 timer.lengths.append(float(logs["completions/mean_length"]))
 
-    path = resolve_model_path(MODEL)
+    path = resolve_model_path(model)
     config = GRPOConfig(
         output_dir=root, per_device_train_batch_size=PROMPTS * G, gradient_accumulation_steps=1, num_generations=G,
-        max_completion_length=MAX_NEW_TOKENS, temperature=1.0, learning_rate=LR, lr_scheduler_type="constant",
+        max_completion_length=max_new_tokens, temperature=1.0, learning_rate=LR, lr_scheduler_type="constant",
         beta=0.0, num_iterations=1, epsilon=0.2, loss_type="grpo", scale_rewards="group", max_grad_norm=1.0,
         max_steps=steps, logging_steps=1, save_strategy="no", report_to=[], use_cpu=not _has_cuda(), bf16=False,
         dataloader_num_workers=0, seed=0, disable_tqdm=True,
@@ -190,16 +223,18 @@ def _synchronize() -> None:
         torch.cuda.synchronize()
 
 
-def run_side(side: str, steps: int) -> dict:
+def run_side(side: str, model: str, source: str, max_new_tokens: int, steps: int) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with tempfile.TemporaryDirectory() as root:
         if side == "trl-grpo":
-            return run_trl(steps, root)
-        return run_ours(side.split("-", 1)[1], steps, root)
+            return run_trl(model, source, max_new_tokens, steps, root)
+        estimator = side.split("-")[1]
+        return run_ours(estimator, not side.endswith("encode-every-pass"), model, source, max_new_tokens, steps, root)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shape", choices=sorted(MAX_NEW_TOKENS), default="small")
     parser.add_argument("--steps", type=int, default=12, help="timed optimizer steps per run")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (allocator, caches)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per side, the sides alternating")
@@ -207,9 +242,12 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="also write the figures to this file")
     parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # one run, in its own process
     parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--source", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    max_new_tokens = MAX_NEW_TOKENS[args.shape]
     if args.side:
-        result = run_side(args.side, args.warmup + args.steps)
+        result = run_side(args.side, args.model, args.source, max_new_tokens, args.warmup + args.steps)
         result["step_seconds"] = result["step_seconds"][args.warmup:]
         result["completion_lengths"] = result["completion_lengths"][args.warmup:]
         Path(args.out).write_text(json.dumps(result))
@@ -217,11 +255,12 @@ def main() -> None:
     runs: dict[str, list[dict]] = {side: [] for side in args.sides}
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     with tempfile.TemporaryDirectory() as tmp:
+        model, source = prepare_shape(args.shape, Path(tmp))
         for repeat in range(args.repeats):
             for side in args.sides:
                 out = Path(tmp) / f"{side}-{repeat}.json"
-                command = [sys.executable, __file__, "--side", side, "--steps", str(args.steps),
-                           "--warmup", str(args.warmup), "--out", str(out)]
+                command = [sys.executable, __file__, "--side", side, "--shape", args.shape, "--steps", str(args.steps),
+                           "--warmup", str(args.warmup), "--out", str(out), "--model", model, "--source", source]
                 done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
                 if done.returncode != 0:
                     raise SystemExit(f"{side} failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
@@ -242,7 +281,10 @@ def main() -> None:
             row["step_time_vs_trl"] = row["median_step_s"] / trl["median_step_s"]
             row["peak_memory_vs_trl"] = row["median_peak_memory_mb"] / trl["median_peak_memory_mb"]
             row["step_memory_vs_trl"] = row["median_step_memory_mb"] / trl["median_step_memory_mb"]
-    report["settings"] = {"model": MODEL, "prompts": PROMPTS, "G": G, "max_new_tokens": MAX_NEW_TOKENS,
+    if {"ours-grpo", "ours-grpo-encode-every-pass"} <= report.keys():
+        before = report["ours-grpo-encode-every-pass"]["median_step_s"]
+        report["ours-grpo"]["step_time_vs_encode_every_pass"] = report["ours-grpo"]["median_step_s"] / before
+    report["settings"] = {"shape": args.shape, "prompts": PROMPTS, "G": G, "max_new_tokens": max_new_tokens,
                           "timed_steps": args.steps, "warmup_steps": args.warmup, "repeats": args.repeats,
                           "device": "cuda" if _has_cuda() else "cpu"}
     print(json.dumps(report, indent=2))
