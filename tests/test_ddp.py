@@ -90,9 +90,10 @@ def test_ddp_ranks_compute_the_advantages_of_the_global_batch(tmp_path):
                                                      for r in (0, 1)], tmp_path / "cache")
 
 
-def assert_gradient_is_the_whole_batch_gradient(ranks, cache):
+def assert_gradient_is_the_whole_batch_gradient(ranks, cache, model_name="tiny:llava", aggregation="seq-mean-token-mean"):
     """Recompute, in this process, the default GRPO-preset loss (no KL, on-policy: ratio exp(logp - logp.detach()))
-    over both ranks' rollouts at once: -mean over sequences of the token mean of A * ratio."""
+    over both ranks' rollouts at once: -mean over sequences of the token mean of A * ratio (seq-mean-token-mean), or
+    -sum over all tokens of A * ratio / their number (token-mean)."""
     from durian_lightning.models import load_policy, resolve_model_path
     from durian_lightning.rollout import Rollout, completion_logprobs
 
@@ -100,7 +101,7 @@ def assert_gradient_is_the_whole_batch_gradient(ranks, cache):
         torch.testing.assert_close(ranks[0]["weights"][name], ranks[1]["weights"][name], rtol=0, atol=0)
         torch.testing.assert_close(ranks[0]["grads"][name], ranks[1]["grads"][name], rtol=0, atol=0)
     default = yaml.safe_load((REPO / "configs" / "default.yaml").read_text())["model"]["lora"]
-    model, processor = load_policy(resolve_model_path("tiny:llava", cache), use_lora=True, lora_r=default["r"],
+    model, processor = load_policy(resolve_model_path(model_name, cache), use_lora=True, lora_r=default["r"],
                                    lora_alpha=default["alpha"], lora_target_modules=default["target_modules"])
     params = dict(model.named_parameters())
     with torch.no_grad():
@@ -111,12 +112,31 @@ def assert_gradient_is_the_whole_batch_gradient(ranks, cache):
     assert len(rollout) == 24
     logp = completion_logprobs(model, processor, rollout, range(24))
     mask = rollout.completion_mask.float()
-    loss = -((advantages * torch.exp(logp - logp.detach()) * mask).sum(dim=1) / mask.sum(dim=1)).mean()
+    token_terms = advantages * torch.exp(logp - logp.detach()) * mask
+    if aggregation == "token-mean":
+        loss = -token_terms.sum() / mask.sum()
+    else:
+        loss = -(token_terms.sum(dim=1) / mask.sum(dim=1)).mean()
     names = list(ranks[0]["grads"])
     whole_batch = torch.autograd.grad(loss, [params[n] for n in names])
     assert any(bool(g.abs().sum() > 0) for g in whole_batch)
     for name, want in zip(names, whole_batch):
         torch.testing.assert_close(ranks[0]["grads"][name], want, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_ddp_token_mean_is_the_mean_over_every_ranks_tokens(tmp_path):
+    # DAPO's token-mean with completions of different lengths on the two ranks: the update is the global batch's
+    # token mean (one denominator for all ranks), not the mean of the two ranks' own token means
+    dump = fit_on_two_ranks(
+        tmp_path, "--model.model_name_or_path", "tiny:llava-pretrained", "--model.rollout.max_new_tokens", "72",
+        "--model.loss.aggregation", "token-mean", "--model.reward.functions", "[tests.test_training:length_reward]",
+        "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0", "--model.optimization.max_grad_norm", "1e9",
+        "--trainer.callbacks+=tests.ddp_probe.DumpGradientCallback", f"--trainer.callbacks.folder={tmp_path / 'dump'}",
+    )
+    ranks = [torch.load(dump / f"rank{r}-gradient-step0.pt", weights_only=False) for r in (0, 1)]
+    tokens = [int(r["rollout"].completion_mask.sum()) for r in ranks]
+    assert tokens[0] != tokens[1], tokens  # otherwise both denominators agree and the test could not fail
+    assert_gradient_is_the_whole_batch_gradient(ranks, tmp_path / "cache", "tiny:llava-pretrained", "token-mean")
 
 
 def test_ddp_with_dynamic_sampling_updates_every_rank_at_the_same_step(tmp_path):

@@ -32,6 +32,15 @@ def min_over_ranks(value: int, world: int, device: torch.device | str = "cpu") -
     return int(count)
 
 
+def mean_over_ranks(value: float, world: int, device: torch.device | str = "cpu") -> float:
+    """The mean of ``value`` over ranks (every rank gets the same answer)."""
+    if world <= 1:
+        return value
+    total = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(total)
+    return float(total) / world
+
+
 def average_gradients(params: list[torch.nn.Parameter], world: int) -> None:
     """Replace every gradient by its mean over ranks (the data-parallel update), in one flat all-reduce."""
     if world <= 1:

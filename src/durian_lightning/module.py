@@ -22,7 +22,7 @@ import lightning as L
 import torch
 import torchmetrics
 
-from ._distributed import all_gather_records, average_gradients, min_over_ranks, require_ddp
+from ._distributed import all_gather_records, average_gradients, mean_over_ranks, min_over_ranks, require_ddp
 from .advantages import AdvantageSettings, get_estimator
 from .answer_prior import answer_prior_accuracy, most_frequent_answers
 from .checkpointing import restore_rng_state, rng_states, seed_rank, trainable_state
@@ -195,7 +195,8 @@ class DurianGRPO(L.LightningModule):
                              scored.old_logprobs, scored.ref_logprobs)
         with self._timed("policy_update"):
             stats = ppo_update(update, partial(self.policy_logprobs, scored.rollout), self.loss_config, mini_batch_size,
-                               opt.micro_batch_size, opt.ppo_epochs, self._backward, self._optimizer_step)
+                               opt.micro_batch_size, opt.ppo_epochs, self._backward, self._optimizer_step,
+                               partial(mean_over_ranks, world=self.trainer.world_size, device=self.device))
 
         lengths = scored.rollout.completion_mask.sum(dim=1).float()
         self.log_dict({  # the names TRL / verl users look for are mapped in the README

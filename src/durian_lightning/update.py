@@ -7,6 +7,9 @@ micro-batches (gradient accumulation, memory only).
 
 Each micro-batch's loss is :func:`~durian_lightning.losses.policy_loss` with the mini-batch's aggregation
 denominator, so the accumulated gradient is exactly that of the mini-batch loss, whatever the micro-batch size.
+Under data parallelism every rank divides by the mean of the ranks' denominators, so the averaged gradient is that
+of the global mini-batch: for ``token-mean``, the sum over every rank's tokens / their number, not a mean of per-rank
+token means (ranks' completions differ in length). The sequence modes' denominators are equal on every rank.
 """
 
 from __future__ import annotations
@@ -53,12 +56,14 @@ def ppo_update(
     ppo_epochs: int,
     backward: Callable[[torch.Tensor], None],
     optimizer_step: Callable[[], None],
+    mean_over_ranks: Callable[[float], float] = lambda value: value,
 ) -> UpdateStats:
     """Run the passes; returns their statistics.
 
     ``logprobs(rows)`` gives the current policy's ``(len(rows), T)`` completion log-probs with gradients;
     ``backward(loss)`` accumulates gradients; ``optimizer_step()`` applies them and zeroes them (gradients must be
-    zero on entry). ``mini_batch_size`` is in prompts, ``micro_batch_size`` in rollouts.
+    zero on entry). ``mini_batch_size`` is in prompts, ``micro_batch_size`` in rollouts. ``mean_over_ranks`` (a
+    collective under data parallelism) gives the mini-batch's loss denominator every rank uses.
 
     Without ``old_logprobs`` the update is on-policy: its single optimizer step uses its own forward's detached
     log-probs as the old ones, which is exact (the weights have not moved, the ratio is 1) and saves a forward pass.
@@ -74,7 +79,7 @@ def ppo_update(
     for _ in range(ppo_epochs):
         for first in range(0, num_prompts, mini_batch_size):
             rows = torch.arange(first * g, min(num_prompts, first + mini_batch_size) * g)
-            denominator = aggregation_denominator(mask[rows], loss_config.aggregation)
+            denominator = mean_over_ranks(aggregation_denominator(mask[rows], loss_config.aggregation))
             step_loss = step_kl = 0.0
             for chunk in rows.split(micro_batch_size):
                 current = logprobs(chunk)
