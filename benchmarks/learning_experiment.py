@@ -64,8 +64,9 @@ CONFIGS |= {
     "durian_kl": [*DURIAN, "--model.loss.kl_coef", "0.05"],  # k3 KL to the start model against the drift to one answer
     "durian_fast": [*DURIAN, "--model.optimization.learning_rate", "0.0006"],
     "durian_fast_kl": [*DURIAN, "--model.optimization.learning_rate", "0.0006", "--model.loss.kl_coef", "0.05"],
-    # the same rollouts as 8 prompts x 8, spent on fewer prompts: more chances to find a rare right answer
-    "durian_g16": [*DURIAN, "--model.rollout.num_generations", "16", "--data.batch_size", "4"],
+    # 16 rollouts of 4 prompts per update instead of 8 of 8, as many updates (so as many rollouts) as the default:
+    # more chances to sample a rare right answer, and with it a non-zero advantage
+    "durian_g16": [*DURIAN, "--model.rollout.num_generations", "16", "--data.batch_size", "4", "--trainer.max_steps", "200"],
 }
 
 
