@@ -67,6 +67,8 @@ CONFIGS |= {
     # 16 rollouts of 4 prompts per update instead of 8 of 8, as many updates (so as many rollouts) as the default:
     # more chances to sample a rare right answer, and with it a non-zero advantage
     "durian_g16": [*DURIAN, "--model.rollout.num_generations", "16", "--data.batch_size", "4", "--trainer.max_steps", "200"],
+    # sampling at temperature 1.2 (the log-probs use it too): wider exploration for answers the policy rarely gives
+    "durian_hot": [*DURIAN, "--model.rollout.temperature", "1.2"],
 }
 
 

@@ -39,8 +39,8 @@ from .evaluation import (
     sampled_accuracy,
 )
 from .global_batch import UpdateRecord, gather_global_batch
-from .models.loading import load_policy
 from .image_features import ImageFeatures
+from .models.loading import load_policy
 from .models.reference import ReferencePolicy
 from .rollout import completion_logprobs, generate_rollouts
 from .scoring import ScoredRollouts, score_rollouts
