@@ -14,6 +14,7 @@ import sys
 import warnings
 from pathlib import Path
 from typing import Optional
+
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
