@@ -20,6 +20,8 @@ Sides:
 * ``ours-durian`` DurianGRPO with estimator=durian (adds the confidence grouping; entropies come from the cache)
 * ``ours-grpo-encode-every-pass``  ours-grpo with ``rollout.reuse_image_features: false``: the vision tower runs on
                   every row of every pass, as before images were encoded once per step (the before of that change)
+* ``ours-grpo-prefill-per-row``  ours-grpo with ``rollout.share_prompt_prefill: false``: the log-prob passes run every
+                  row's prompt, as before a prompt's prefill was shared by its rollouts (the before of that change)
 * ``trl-grpo``    trl.GRPOTrainer with scale_rewards="group", loss_type="grpo", beta=0
 
 Every side runs in its own process (peak memory is per process), the sides alternate ``--repeats`` times, and the
@@ -47,7 +49,9 @@ REPO = Path(__file__).resolve().parents[1]
 PROMPTS, G, LR = 8, 8, 1e-3
 LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0,
             target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)")
-SIDES = ("ours-grpo", "ours-durian", "ours-grpo-encode-every-pass", "trl-grpo")
+# ours-grpo with one speed-up switched off: the "before" of that change, measured in the same run
+BEFORE = {"encode-every-pass": {"reuse_image_features": False}, "prefill-per-row": {"share_prompt_prefill": False}}
+SIDES = ("ours-grpo", "ours-durian", *(f"ours-grpo-{name}" for name in BEFORE), "trl-grpo")
 MAX_NEW_TOKENS = {"small": 24, "realistic": 128}
 REALISTIC_IMAGE_SIZE = 448
 
@@ -109,7 +113,7 @@ def _data(model: str, source: str):
     return MultimodalReasoningDataModule(source=source, model_name_or_path=model, batch_size=PROMPTS, progress=False)
 
 
-def run_ours(estimator: str, reuse_image_features: bool, model: str, source: str, max_new_tokens: int, steps: int,
+def run_ours(estimator: str, rollout_options: dict, model: str, source: str, max_new_tokens: int, steps: int,
              root: str) -> dict:
     import lightning as L
 
@@ -137,8 +141,7 @@ def run_ours(estimator: str, reuse_image_features: bool, model: str, source: str
         model_name_or_path=model,
         lora=LoraSettings(r=LORA["r"], alpha=LORA["lora_alpha"], dropout=LORA["lora_dropout"],
                           target_modules=LORA["target_modules"]),
-        rollout=RolloutSettings(num_generations=G, max_new_tokens=max_new_tokens, temperature=1.0,
-                                reuse_image_features=reuse_image_features),
+        rollout=RolloutSettings(num_generations=G, max_new_tokens=max_new_tokens, temperature=1.0, **rollout_options),
         advantages=AdvantageSettings(estimator=estimator, num_reasoning_groups=4),
         loss=LossSettings(preset="grpo", kl_coef=0.0),
         optimization=OptimizationSettings(learning_rate=LR, micro_batch_size=PROMPTS * G),
@@ -228,8 +231,8 @@ def run_side(side: str, model: str, source: str, max_new_tokens: int, steps: int
     with tempfile.TemporaryDirectory() as root:
         if side == "trl-grpo":
             return run_trl(model, source, max_new_tokens, steps, root)
-        estimator = side.split("-")[1]
-        return run_ours(estimator, not side.endswith("encode-every-pass"), model, source, max_new_tokens, steps, root)
+        estimator, _, before = side.removeprefix("ours-").partition("-")
+        return run_ours(estimator, BEFORE.get(before, {}), model, source, max_new_tokens, steps, root)
 
 
 def main() -> None:
@@ -281,9 +284,10 @@ def main() -> None:
             row["step_time_vs_trl"] = row["median_step_s"] / trl["median_step_s"]
             row["peak_memory_vs_trl"] = row["median_peak_memory_mb"] / trl["median_peak_memory_mb"]
             row["step_memory_vs_trl"] = row["median_step_memory_mb"] / trl["median_step_memory_mb"]
-    if {"ours-grpo", "ours-grpo-encode-every-pass"} <= report.keys():
-        before = report["ours-grpo-encode-every-pass"]["median_step_s"]
-        report["ours-grpo"]["step_time_vs_encode_every_pass"] = report["ours-grpo"]["median_step_s"] / before
+    for name in BEFORE:
+        if {"ours-grpo", f"ours-grpo-{name}"} <= report.keys():
+            before = report[f"ours-grpo-{name}"]["median_step_s"]
+            report["ours-grpo"][f"step_time_vs_{name.replace('-', '_')}"] = report["ours-grpo"]["median_step_s"] / before
     report["settings"] = {"shape": args.shape, "prompts": PROMPTS, "G": G, "max_new_tokens": max_new_tokens,
                           "timed_steps": args.steps, "warmup_steps": args.warmup, "repeats": args.repeats,
                           "device": "cuda" if _has_cuda() else "cpu"}

@@ -97,22 +97,30 @@ def test_a_trained_image_path_is_encoded_in_every_pass():
     assert "pixel_values" in features.model_inputs(encoded, [image]) and len(features) == 0
 
 
+def logged_steps(root, option: str, value: str) -> tuple[list[list[float]], object]:
+    """Loss, KL, reward and clip fraction of 2 updates with KL (a reference pass) and two PPO epochs (an old-policy
+    pass) on the model that earns rewards from the start, with one rollout option set; and the CLI."""
+    args = fit_args(root, "tiny:llava-pretrained", f"--model.rollout.{option}", value,
+                    "--model.rollout.num_generations", "4", "--model.rollout.max_new_tokens", "72", "--data.batch_size", "4",
+                    "--model.optimization.learning_rate", "3e-4",
+                    "--model.loss.kl_coef", "0.1", "--model.optimization.ppo_epochs", "2",
+                    "--trainer.max_steps", "4", "--trainer.limit_val_batches", "0", "--seed_everything", "3")
+    cli = run_cli(["fit", *args])
+    names = ("train/loss", "train/kl", "train/reward", "train/clip_fraction")
+    return [[float(r[n]) for n in names] for r in metrics(cli.trainer) if r.get("train/loss")], cli
+
+
+def assert_same_steps(steps, other_steps):
+    assert len(steps) == 2 and steps[0][2] > 0 and steps[1][1] > 0  # rewarded, and the policy left the reference
+    for a, b in zip(steps, other_steps):
+        assert a == pytest.approx(b, abs=1e-5)
+
+
 @needs_precomputed
 def test_training_with_reused_features_logs_the_same_steps(tmp_path):
-    # KL (a reference pass) and two PPO epochs (an old-policy pass) on the model that earns rewards from the start:
     # every pass reads the reused features, and training takes the same path
-    def run(reuse: str, folder: str):
-        args = fit_args(tmp_path / folder, "tiny:llava-pretrained", "--model.rollout.reuse_image_features", reuse,
-                        "--model.rollout.num_generations", "4", "--model.rollout.max_new_tokens", "72", "--data.batch_size", "4",
-                        "--model.optimization.learning_rate", "3e-4",
-                        "--model.loss.kl_coef", "0.1", "--model.optimization.ppo_epochs", "2",
-                        "--trainer.max_steps", "4", "--trainer.limit_val_batches", "0", "--seed_everything", "3")
-        cli = run_cli(["fit", *args])
-        assert cli.model.image_features.reusable(cli.datamodule.dataset("train")[0]["images"]) == (reuse == "true")
-        names = ("train/loss", "train/kl", "train/reward", "train/clip_fraction")
-        return [[float(r[n]) for n in names] for r in metrics(cli.trainer) if r.get("train/loss")]
-
-    reused, encoded_each_pass = run("true", "reused"), run("false", "plain")
-    assert len(reused) == 2 and reused[0][2] > 0 and reused[1][1] > 0  # rewarded, and the policy left the reference
-    for a, b in zip(reused, encoded_each_pass):
-        assert a == pytest.approx(b, abs=1e-5)
+    reused, cli = logged_steps(tmp_path / "reused", "reuse_image_features", "true")
+    assert cli.model.image_features.reusable(cli.datamodule.dataset("train")[0]["images"])
+    encoded_each_pass, cli = logged_steps(tmp_path / "plain", "reuse_image_features", "false")
+    assert not cli.model.image_features.reusable(cli.datamodule.dataset("train")[0]["images"])
+    assert_same_steps(reused, encoded_each_pass)

@@ -155,12 +155,12 @@ class DurianGRPO(L.LightningModule):
 
     def policy_logprobs(self, rollout, rows: torch.Tensor) -> torch.Tensor:
         return completion_logprobs(self.model, self.processor, rollout, rows, self.rollout.temperature,
-                                   self.image_features)
+                                   self.image_features, self.rollout.share_prompt_prefill)
 
     def reference_logprobs(self, rollout, rows: torch.Tensor) -> torch.Tensor:
         # the reference differs from the policy only in trained weights, so reused image features are its own too
         return self.reference(completion_logprobs, self.processor, rollout, rows, self.rollout.temperature,
-                              self.image_features)
+                              self.image_features, self.rollout.share_prompt_prefill)
 
     # ------------------------------------------------------------------------------------------ training
 

@@ -21,6 +21,7 @@ from PIL import Image
 from transformers import GenerationConfig, LogitsProcessor
 
 from .image_features import ImageFeatures
+from .shared_prefill import can_share_prefill, distinct_prompts, shared_prefill_logits
 
 
 @dataclass(frozen=True)
@@ -250,20 +251,27 @@ def _generate(model, processor, rows_prompts, rows_images, sampling: SamplingCon
 
 
 def completion_logprobs(model, processor, rollout: Rollout, rows: torch.Tensor | Sequence[int], temperature: float = 1.0,
-                        image_features: ImageFeatures | None = None) -> torch.Tensor:
+                        image_features: ImageFeatures | None = None, share_prefill: bool = True) -> torch.Tensor:
     """``(len(rows), T)`` log-probs of the completion tokens under ``model`` (gradients flow if enabled).
 
     The logits are divided by the sampling temperature, so the old-policy log-probs match the distribution the
     completions were sampled from. ``image_features``: the step's encoded images, reused instead of re-encoding.
+    ``share_prefill``: rows of one prompt run its prompt once (:mod:`.shared_prefill`) where that is verified exact.
     """
     rows = torch.as_tensor(rows).tolist()
-    rows_images = [rollout.images[i] for i in rows]
-    encoded = encode_prompts(processor, [rollout.prompts[i] for i in rows], rows_images, None)
+    prompts, rows_images = [rollout.prompts[i] for i in rows], [rollout.images[i] for i in rows]
     device = next(model.parameters()).device
-    encoded = encoded.to(device)
     completion = rollout.completion_ids[rows].to(device)
     mask = rollout.completion_mask[rows].to(device)
+    firsts, index = distinct_prompts(prompts, rows_images)
+    shared = share_prefill and len(firsts) < len(rows) and can_share_prefill(model)
+    if shared:
+        prompts, rows_images = [prompts[i] for i in firsts], [rows_images[i] for i in firsts]
+    encoded = encode_prompts(processor, prompts, rows_images, None).to(device)
     inputs = image_features.model_inputs(encoded, rows_images) if image_features is not None else dict(encoded)
+    if shared:
+        logits = shared_prefill_logits(model, inputs, index, [len(images) for images in rows_images], completion, mask)
+        return token_logprobs(logits, completion, temperature)
     inputs["input_ids"] = torch.cat([encoded["input_ids"], completion], dim=1)
     inputs["attention_mask"] = torch.cat([encoded["attention_mask"], mask.to(encoded["attention_mask"].dtype)], dim=1)
     if "mm_token_type_ids" in inputs:  # Qwen-VL marks image tokens; completion tokens are text

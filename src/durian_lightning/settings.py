@@ -77,6 +77,9 @@ class RolloutSettings:
             grows with rows x tokens, so this bounds a step's peak memory (default: the whole batch in one call).
         reuse_image_features: encode each image once per step and reuse its features in generation and every
             log-prob pass, when nothing on the image path trains (image_features.py); False encodes in every pass.
+        share_prompt_prefill: in the log-prob passes, run each prompt once for all its rows in a micro-batch and only
+            the completions per row (shared_prefill.py; exact; off under gradient checkpointing); False runs every
+            row's prompt.
     """
 
     num_generations: int = 8
@@ -87,6 +90,7 @@ class RolloutSettings:
     max_prompt_length: int = 2048
     max_sequences_per_generate: int | None = None
     reuse_image_features: bool = True
+    share_prompt_prefill: bool = True
 
     def __post_init__(self) -> None:
         if self.max_sequences_per_generate is not None:

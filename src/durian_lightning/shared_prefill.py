@@ -1,0 +1,96 @@
+"""Each prompt's prefill run once for all its rollouts in a log-prob pass.
+
+A rollout batch holds every prompt G times, and the prompt (image tokens, system prompt, question) is most of each
+row. A log-prob pass (the policy's with gradients, the old policy's, the reference's) over the rows of a micro-batch
+therefore runs the distinct prompts once with the KV cache on, gathers the cache to the rows (an index: under
+autograd every row's gradient flows back into its prompt's one prefill), and runs only the completion tokens on
+every row. The logits are those of the full forward over ``prompt + completion``: same attention, same positions
+(Qwen-VL's 3-D M-RoPE positions are computed for the full rows, as the full forward would, and passed in).
+
+Used only where it is the same computation, and verified here: architectures in :data:`VERIFIED_MODEL_TYPES` (others,
+e.g. Gemma 3's bidirectional attention over image tokens, may treat a split sequence differently), and not with
+gradient checkpointing, under which transformers drops the cache while training.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Sequence
+
+import torch
+
+VERIFIED_MODEL_TYPES = frozenset({"llava", "qwen2_vl", "qwen2_5_vl"})
+
+
+def _inner_model(model):
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(base, "model", base)
+
+
+def can_share_prefill(model) -> bool:
+    """The architecture is verified and a cache will be kept (no gradient checkpointing)."""
+    model_type = getattr(getattr(_inner_model(model), "config", None), "model_type", None)
+    return model_type in VERIFIED_MODEL_TYPES and not any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+
+
+def distinct_prompts(prompts: Sequence[str], images: Sequence[Sequence[object]]) -> tuple[list[int], list[int]]:
+    """``(firsts, index)``: the position of each distinct (prompt text, image objects) pair's first row, and for
+    every row the number of its pair, in order of first appearance. Rows of one prompt share its image objects."""
+    numbers: dict[tuple, int] = {}
+    firsts, index = [], []
+    for row, (prompt, row_images) in enumerate(zip(prompts, images)):
+        key = (prompt, tuple(id(image) for image in row_images))
+        if key not in numbers:
+            numbers[key] = len(firsts)
+            firsts.append(row)
+        index.append(numbers[key])
+    return firsts, index
+
+
+def _cache_keyword(model) -> str:
+    """transformers renamed ``past_key_values`` to ``cache`` (5.2x); older versions know only the first."""
+    return "cache" if "cache" in inspect.signature(_inner_model(model).forward).parameters else "past_key_values"
+
+
+def _rope_positions(model, prompt_inputs: dict, index: torch.Tensor, images_per_prompt: Sequence[int],
+                    completion: torch.Tensor, full_mask: torch.Tensor) -> torch.Tensor | None:
+    """Qwen-VL's ``(3, rows, P + T)`` M-RoPE positions of the full rows, as its full forward computes them; ``None``
+    for 1-D RoPE models, whose positions in a cached forward continue from the cache length like the full one's."""
+    inner = _inner_model(model)
+    if not hasattr(inner, "get_rope_index") or prompt_inputs.get("image_grid_thw") is None:
+        return None
+    grids = prompt_inputs["image_grid_thw"].split(list(images_per_prompt))
+    kwargs = dict(image_grid_thw=torch.cat([grids[i] for i in index.tolist()]), attention_mask=full_mask)
+    full_ids = torch.cat([prompt_inputs["input_ids"][index], completion], dim=1)
+    if "mm_token_type_ids" in inspect.signature(inner.get_rope_index).parameters:
+        kwargs["mm_token_type_ids"] = torch.cat([prompt_inputs["mm_token_type_ids"][index], torch.zeros_like(completion)], dim=1)
+    return inner.get_rope_index(full_ids, **kwargs)[0]
+
+
+def shared_prefill_logits(model, prompt_inputs: dict, index: Sequence[int], images_per_prompt: Sequence[int],
+                          completion: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
+    """``(rows, T, vocab)`` logits predicting each completion token.
+
+    ``prompt_inputs``: the model inputs of the distinct prompts (left-padded to width P, as the rows would be);
+    ``index[r]``: row ``r``'s prompt; ``completion`` / ``completion_mask``: ``(rows, T)``.
+    """
+    index = torch.as_tensor(index, device=completion.device)
+    prompt_mask = prompt_inputs["attention_mask"]
+    full_mask = torch.cat([prompt_mask[index], completion_mask.to(prompt_mask.dtype)], dim=1)
+    width = prompt_mask.shape[1]
+    positions = _rope_positions(model, prompt_inputs, index, images_per_prompt, completion, full_mask)
+    prefill = dict(prompt_inputs)
+    if positions is not None:
+        firsts = [index.tolist().index(p) for p in range(len(prompt_mask))]
+        prefill["position_ids"] = positions[:, firsts, :width]
+    out = model(**prefill, use_cache=True, logits_to_keep=1)
+    first = out.logits[:, -1][index].unsqueeze(1)  # predicts completion token 0
+    if completion.shape[1] == 1:
+        return first
+    cache = out.cache if hasattr(out, "cache") else out.past_key_values
+    cache.batch_select_indices(index)
+    rest = dict(input_ids=completion[:, :-1], attention_mask=full_mask[:, :-1], use_cache=True)
+    rest[_cache_keyword(model)] = cache
+    if positions is not None:
+        rest["position_ids"] = positions[:, :, width:-1]
+    return torch.cat([first, model(**rest).logits], dim=1)
