@@ -26,7 +26,7 @@ from PIL import Image
 log = logging.getLogger(__name__)
 
 
-def _inner_model(model):
+def inner_model(model):
     """The transformers model under a peft wrapper, and under its ``ForConditionalGeneration`` head."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return getattr(base, "model", base)
@@ -34,7 +34,7 @@ def _inner_model(model):
 
 def accepts_precomputed_features(model) -> bool:
     """Whether this transformers model takes ``mm_encoder_outputs`` (transformers 5.18 and later)."""
-    inner = _inner_model(model)
+    inner = inner_model(model)
     return hasattr(inner, "get_image_features") and "mm_encoder_outputs" in inspect.signature(inner.forward).parameters
 
 
@@ -110,7 +110,7 @@ class ImageFeatures:
 
     def _encode(self, images: Sequence[Image.Image]) -> list[torch.Tensor]:
         """``(tokens_i, hidden)`` features of each image, as the model's forward computes them from pixels."""
-        inner = _inner_model(self.model)
+        inner = inner_model(self.model)
         pixels = self.processor.image_processor(images=list(images), return_tensors="pt")
         accepted = inspect.signature(inner.get_image_features).parameters
         device = next(self.model.parameters()).device

@@ -19,17 +19,14 @@ from typing import Sequence
 
 import torch
 
+from .image_features import inner_model
+
 VERIFIED_MODEL_TYPES = frozenset({"llava", "qwen2_vl", "qwen2_5_vl"})
-
-
-def _inner_model(model):
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return getattr(base, "model", base)
 
 
 def can_share_prefill(model) -> bool:
     """The architecture is verified and a cache will be kept (no gradient checkpointing)."""
-    model_type = getattr(getattr(_inner_model(model), "config", None), "model_type", None)
+    model_type = getattr(getattr(inner_model(model), "config", None), "model_type", None)
     return model_type in VERIFIED_MODEL_TYPES and not any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
 
 
@@ -49,14 +46,14 @@ def distinct_prompts(prompts: Sequence[str], images: Sequence[Sequence[object]])
 
 def _cache_keyword(model) -> str:
     """transformers renamed ``past_key_values`` to ``cache`` (5.2x); older versions know only the first."""
-    return "cache" if "cache" in inspect.signature(_inner_model(model).forward).parameters else "past_key_values"
+    return "cache" if "cache" in inspect.signature(inner_model(model).forward).parameters else "past_key_values"
 
 
 def _rope_positions(model, prompt_inputs: dict, index: torch.Tensor, images_per_prompt: Sequence[int],
                     completion: torch.Tensor, full_mask: torch.Tensor) -> torch.Tensor | None:
     """Qwen-VL's ``(3, rows, P + T)`` M-RoPE positions of the full rows, as its full forward computes them; ``None``
     for 1-D RoPE models, whose positions in a cached forward continue from the cache length like the full one's."""
-    inner = _inner_model(model)
+    inner = inner_model(model)
     if not hasattr(inner, "get_rope_index") or prompt_inputs.get("image_grid_thw") is None:
         return None
     grids = prompt_inputs["image_grid_thw"].split(list(images_per_prompt))
@@ -81,8 +78,8 @@ def shared_prefill_logits(model, prompt_inputs: dict, index: Sequence[int], imag
     positions = _rope_positions(model, prompt_inputs, index, images_per_prompt, completion, full_mask)
     prefill = dict(prompt_inputs)
     if positions is not None:
-        firsts = [index.tolist().index(p) for p in range(len(prompt_mask))]
-        prefill["position_ids"] = positions[:, firsts, :width]
+        rows_of = index.tolist()
+        prefill["position_ids"] = positions[:, [rows_of.index(p) for p in range(len(prompt_mask))], :width]
     out = model(**prefill, use_cache=True, logits_to_keep=1)
     first = out.logits[:, -1][index].unsqueeze(1)  # predicts completion token 0
     if completion.shape[1] == 1:
