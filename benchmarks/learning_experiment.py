@@ -69,6 +69,9 @@ CONFIGS |= {
     "durian_g16": [*DURIAN, "--model.rollout.num_generations", "16", "--data.batch_size", "4", "--trainer.max_steps", "200"],
     # sampling at temperature 1.2 (the log-probs use it too): wider exploration for answers the policy rarely gives
     "durian_hot": [*DURIAN, "--model.rollout.temperature", "1.2"],
+    # twice the prompts per update (run with --epochs 6: 150 updates, 1.5x the default's rollouts), the compute the
+    # default's 10-minute budget affords since the policy pass shares each prompt's prefill
+    "durian_b16": [*DURIAN, "--data.batch_size", "16"],
 }
 
 
