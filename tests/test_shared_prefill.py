@@ -68,6 +68,21 @@ def test_shared_prefill_gives_the_full_forwards_logprobs_and_gradients(model_nam
     handle.remove()
 
 
+def test_text_only_prompts_on_qwen_vl():
+    # no image grid: positions are plain, and a generate call before (which leaves M-RoPE deltas on the model)
+    # must not shift them
+    model, processor = load_policy(resolve_model_path("tiny:qwen2_5_vl"), use_lora=True)
+    prompts = [prompt(processor, 0, "Say something."), prompt(processor, 0, "Count to three, please.")]
+    rollout = generate_rollouts(model, processor, prompts, [[], []], 3, SamplingConfig(max_new_tokens=6))
+    generate_rollouts(model, processor, [prompt(processor, 1, "hi")], [[Image.new("RGB", (56, 56))]], 2,
+                      SamplingConfig(max_new_tokens=2))
+    rows = list(range(6))
+    full, full_grads = _logprobs_and_grads(model, processor, rollout, rows, False)
+    shared, shared_grads = _logprobs_and_grads(model, processor, rollout, rows, True)
+    torch.testing.assert_close(shared, full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(shared_grads, full_grads, atol=1e-6, rtol=1e-4)
+
+
 def test_gradient_checkpointing_runs_the_full_forward():
     model, _ = load_policy(resolve_model_path("tiny:llava"), use_lora=True, gradient_checkpointing=True)
     assert not can_share_prefill(model)

@@ -52,10 +52,15 @@ def _cache_keyword(model) -> str:
 def _rope_positions(model, prompt_inputs: dict, index: torch.Tensor, images_per_prompt: Sequence[int],
                     completion: torch.Tensor, full_mask: torch.Tensor) -> torch.Tensor | None:
     """Qwen-VL's ``(3, rows, P + T)`` M-RoPE positions of the full rows, as its full forward computes them; ``None``
-    for 1-D RoPE models, whose positions in a cached forward continue from the cache length like the full one's."""
+    for 1-D RoPE models, whose positions in a cached forward continue from the cache length like the full one's.
+    Passed explicitly because Qwen-VL's cached forward would otherwise offset them by ``rope_deltas`` kept from
+    whichever call set it last (e.g. ``generate`` on other rows)."""
     inner = inner_model(model)
-    if not hasattr(inner, "get_rope_index") or prompt_inputs.get("image_grid_thw") is None:
+    if not hasattr(inner, "get_rope_index"):
         return None
+    rows, width = completion.shape[0], prompt_inputs["input_ids"].shape[1] + completion.shape[1]
+    if prompt_inputs.get("image_grid_thw") is None:  # text only: the full forward counts 0 .. P + T - 1
+        return torch.arange(width, device=completion.device).expand(3, rows, width)
     grids = prompt_inputs["image_grid_thw"].split(list(images_per_prompt))
     kwargs = dict(image_grid_thw=torch.cat([grids[i] for i in index.tolist()]), attention_mask=full_mask)
     full_ids = torch.cat([prompt_inputs["input_ids"][index], completion], dim=1)
