@@ -263,14 +263,15 @@ def completion_logprobs(model, processor, rollout: Rollout, rows: torch.Tensor |
     device = next(model.parameters()).device
     completion = rollout.completion_ids[rows].to(device)
     mask = rollout.completion_mask[rows].to(device)
-    firsts, index = distinct_prompts(prompts, rows_images)
-    shared = share_prefill and len(firsts) < len(rows) and can_share_prefill(model)
+    firsts, index = distinct_prompts(prompts, rows_images) if share_prefill and can_share_prefill(model) else ([], [])
+    shared = 0 < len(firsts) < len(rows)
     if shared:
         prompts, rows_images = [prompts[i] for i in firsts], [rows_images[i] for i in firsts]
     encoded = encode_prompts(processor, prompts, rows_images, None).to(device)
     inputs = image_features.model_inputs(encoded, rows_images) if image_features is not None else dict(encoded)
     if shared:
-        logits = shared_prefill_logits(model, inputs, index, [len(images) for images in rows_images], completion, mask)
+        logits = shared_prefill_logits(model, inputs, firsts, index, [len(images) for images in rows_images],
+                                       completion, mask)
         return token_logprobs(logits, completion, temperature)
     inputs["input_ids"] = torch.cat([encoded["input_ids"], completion], dim=1)
     inputs["attention_mask"] = torch.cat([encoded["attention_mask"], mask.to(encoded["attention_mask"].dtype)], dim=1)

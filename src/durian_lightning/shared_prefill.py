@@ -44,11 +44,6 @@ def distinct_prompts(prompts: Sequence[str], images: Sequence[Sequence[object]])
     return firsts, index
 
 
-def _cache_keyword(model) -> str:
-    """transformers renamed ``past_key_values`` to ``cache`` (5.2x); older versions know only the first."""
-    return "cache" if "cache" in inspect.signature(inner_model(model).forward).parameters else "past_key_values"
-
-
 def _rope_positions(model, prompt_inputs: dict, index: torch.Tensor, images_per_prompt: Sequence[int],
                     completion: torch.Tensor, full_mask: torch.Tensor) -> torch.Tensor | None:
     """Qwen-VL's ``(3, rows, P + T)`` M-RoPE positions of the full rows, as its full forward computes them; ``None``
@@ -69,12 +64,13 @@ def _rope_positions(model, prompt_inputs: dict, index: torch.Tensor, images_per_
     return inner.get_rope_index(full_ids, **kwargs)[0]
 
 
-def shared_prefill_logits(model, prompt_inputs: dict, index: Sequence[int], images_per_prompt: Sequence[int],
-                          completion: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
+def shared_prefill_logits(model, prompt_inputs: dict, firsts: Sequence[int], index: Sequence[int],
+                          images_per_prompt: Sequence[int], completion: torch.Tensor,
+                          completion_mask: torch.Tensor) -> torch.Tensor:
     """``(rows, T, vocab)`` logits predicting each completion token.
 
     ``prompt_inputs``: the model inputs of the distinct prompts (left-padded to width P, as the rows would be);
-    ``index[r]``: row ``r``'s prompt; ``completion`` / ``completion_mask``: ``(rows, T)``.
+    ``firsts`` / ``index``: as :func:`distinct_prompts` gives them; ``completion`` / ``completion_mask``: ``(rows, T)``.
     """
     index = torch.as_tensor(index, device=completion.device)
     prompt_mask = prompt_inputs["attention_mask"]
@@ -83,16 +79,16 @@ def shared_prefill_logits(model, prompt_inputs: dict, index: Sequence[int], imag
     positions = _rope_positions(model, prompt_inputs, index, images_per_prompt, completion, full_mask)
     prefill = dict(prompt_inputs)
     if positions is not None:
-        rows_of = index.tolist()
-        prefill["position_ids"] = positions[:, [rows_of.index(p) for p in range(len(prompt_mask))], :width]
+        prefill["position_ids"] = positions[:, list(firsts), :width]
     out = model(**prefill, use_cache=True, logits_to_keep=1)
     first = out.logits[:, -1][index].unsqueeze(1)  # predicts completion token 0
     if completion.shape[1] == 1:
         return first
-    cache = out.cache if hasattr(out, "cache") else out.past_key_values
+    # transformers 5.2x names the cache ``cache`` in outputs and arguments; earlier versions ``past_key_values``
+    cache_name = "cache" if hasattr(out, "cache") else "past_key_values"
+    cache = getattr(out, cache_name)
     cache.batch_select_indices(index)
-    rest = dict(input_ids=completion[:, :-1], attention_mask=full_mask[:, :-1], use_cache=True)
-    rest[_cache_keyword(model)] = cache
+    rest = {"input_ids": completion[:, :-1], "attention_mask": full_mask[:, :-1], "use_cache": True, cache_name: cache}
     if positions is not None:
         rest["position_ids"] = positions[:, :, width:-1]
     return torch.cat([first, model(**rest).logits], dim=1)
