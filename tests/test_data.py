@@ -145,7 +145,7 @@ def test_multi_image_rows_and_placeholders(tmp_path):
     assert len(item["images"]) == 2
     kinds = [c["type"] for c in item["messages"][1]["content"]]
     assert kinds == ["text", "image", "text", "image", "text", "text"]
-    assert item["messages"][0] == {"role": "system", "content": "sys"}
+    assert item["messages"][0] == {"role": "system", "content": [{"type": "text", "text": "sys"}]}
 
 
 def test_build_messages_without_placeholders_puts_images_first():

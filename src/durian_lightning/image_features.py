@@ -12,6 +12,8 @@ Features are computed in eval mode and without gradients; they are reused only w
 holds a trainable parameter (checked once, on the first image), so a trained vision tower or projector (LoRA on it,
 or full fine-tuning) always re-encodes.
 Transformers before 5.18 cannot take precomputed features: there every pass encodes its rows' images, as before.
+Only for the families the conformance suite shows exact (:mod:`durian_lightning.models.families`): others hand the
+forward more than one feature tensor per image (Qwen3-VL's DeepStack features) or expect them in another layout.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from typing import Any, Iterable, Sequence
 
 import torch
 from PIL import Image
+
+from .models.families import explain_fast_path_off, fast_path_verified
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +52,13 @@ class ImageFeatures:
 
     def __init__(self, model, processor, enabled: bool = True):
         self.model, self.processor = model, processor
-        self.enabled = enabled and accepts_precomputed_features(model)
+        verified = fast_path_verified(model, "reuse_image_features")
+        self.enabled = enabled and verified and accepts_precomputed_features(model)
         self._encoder_is_frozen: bool | None = None  # decided on the first image
         self._cache: dict[int, tuple[Image.Image, torch.Tensor]] = {}
-        if enabled and not self.enabled:
+        if enabled and not verified:
+            explain_fast_path_off(model, "rollout.reuse_image_features")
+        elif enabled and not self.enabled:
             log.info("this transformers version cannot take precomputed image features (5.18 and later can): every "
                      "pass encodes its rows' images")
 

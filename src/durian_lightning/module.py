@@ -40,6 +40,7 @@ from .evaluation import (
 )
 from .global_batch import UpdateRecord, gather_global_batch
 from .image_features import ImageFeatures
+from .models.families import explain_fast_path_off, fast_path_verified
 from .models.loading import load_policy
 from .models.reference import ReferencePolicy
 from .rollout import completion_logprobs, generate_rollouts
@@ -129,6 +130,8 @@ class DurianGRPO(L.LightningModule):
         if self.loss_config.kl_coef > 0:
             self.reference = ReferencePolicy(self.model, lora=self.lora.enabled)
         self.image_features = ImageFeatures(self.model, self.processor, self.rollout.reuse_image_features)
+        if self.rollout.share_prompt_prefill and not fast_path_verified(self.model, "share_prompt_prefill"):
+            explain_fast_path_off(self.model, "rollout.share_prompt_prefill")
 
     def setup(self, stage: str) -> None:
         if stage == "fit":

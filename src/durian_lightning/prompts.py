@@ -28,7 +28,9 @@ def build_messages(problem: str, num_images: int, system_prompt: str | None, ins
             content.append({"type": "text", "text": piece})
     if instruction:
         content.append({"type": "text", "text": ("\n" if content and content[-1]["type"] == "text" else "") + instruction})
-    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    # the system prompt as a list of parts too: some families' templates (Idefics3, SmolVLM) iterate parts and drop a
+    # plain string silently
+    messages = [{"role": "system", "content": [{"type": "text", "text": system_prompt}]}] if system_prompt else []
     return messages + [{"role": "user", "content": content}]
 
 

@@ -89,11 +89,14 @@ def pad_completions(values: torch.Tensor, width: int) -> torch.Tensor:
 
 
 def encode_prompts(processor, prompts: Sequence[str], images: Sequence[Sequence[Image.Image]], max_prompt_length: int | None, ids: Sequence[str] | None = None):
-    """Tokenize prompts with their images, left-padded; a prompt over ``max_prompt_length`` tokens is an error."""
+    """Tokenize prompts with their images, left-padded; a prompt over ``max_prompt_length`` tokens is an error.
+
+    Images go nested per prompt: every family's processor takes that, and some need it (Gemma 3 and 4 count images
+    per prompt; LLaVA-OneVision expands a flat list differently)."""
     tokenizer = processor.tokenizer
     tokenizer.padding_side = "left"
-    flat = [image for row in images for image in row]
-    encoded = processor(text=list(prompts), images=flat or None, return_tensors="pt", padding=True)
+    nested = [list(row) for row in images]
+    encoded = processor(text=list(prompts), images=nested if any(nested) else None, return_tensors="pt", padding=True)
     if max_prompt_length is not None:
         lengths = encoded["attention_mask"].sum(dim=1)
         too_long = (lengths > max_prompt_length).nonzero().flatten().tolist()
@@ -273,13 +276,23 @@ def completion_logprobs(model, processor, rollout: Rollout, rows: torch.Tensor |
         logits = shared_prefill_logits(model, inputs, firsts, index, [len(images) for images in rows_images],
                                        completion, mask)
         return token_logprobs(logits, completion, temperature)
-    inputs["input_ids"] = torch.cat([encoded["input_ids"], completion], dim=1)
-    inputs["attention_mask"] = torch.cat([encoded["attention_mask"], mask.to(encoded["attention_mask"].dtype)], dim=1)
-    if "mm_token_type_ids" in inputs:  # Qwen-VL marks image tokens; completion tokens are text
-        inputs["mm_token_type_ids"] = torch.cat([encoded["mm_token_type_ids"], torch.zeros_like(completion)], dim=1)
+    inputs.update(extend_token_inputs(encoded, completion, mask))
     length = completion.shape[1]
     logits = model(**inputs, logits_to_keep=length + 1).logits[:, :-1, :]
     return token_logprobs(logits, completion, temperature)
+
+
+def extend_token_inputs(encoded, completion: torch.Tensor, completion_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The processor's per-token inputs of the prompts, continued over the completion: the ids and attention mask, and
+    every other ``(rows, prompt length)`` tensor (Gemma's ``token_type_ids``, Qwen-VL's and Gemma 4's
+    ``mm_token_type_ids``) with 0 = text for the completion tokens."""
+    prompt_ids = encoded["input_ids"]
+    extended = {"input_ids": torch.cat([prompt_ids, completion], dim=1),
+                "attention_mask": torch.cat([encoded["attention_mask"], completion_mask.to(encoded["attention_mask"].dtype)], dim=1)}
+    for key, value in encoded.items():
+        if key not in extended and isinstance(value, torch.Tensor) and value.shape == prompt_ids.shape:
+            extended[key] = torch.cat([value, torch.zeros_like(completion, dtype=value.dtype)], dim=1)
+    return extended
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

@@ -7,9 +7,10 @@ autograd every row's gradient flows back into its prompt's one prefill), and run
 every row. The logits are those of the full forward over ``prompt + completion``: same attention, same positions
 (Qwen-VL's 3-D M-RoPE positions are computed for the full rows, as the full forward would, and passed in).
 
-Used only where it is the same computation, and verified here: architectures in :data:`VERIFIED_MODEL_TYPES` (others,
-e.g. Gemma 3's bidirectional attention over image tokens, may treat a split sequence differently), and not with
-gradient checkpointing, under which transformers drops the cache while training.
+Used only where it is the same computation: families the conformance suite shows exact
+(:mod:`durian_lightning.models.families`; others, e.g. Gemma 3's bidirectional attention over image tokens or Qwen3.5's
+recurrent layers, may treat a split sequence differently), and not with gradient checkpointing, under which
+transformers drops the cache while training.
 """
 
 from __future__ import annotations
@@ -20,14 +21,13 @@ from typing import Sequence
 import torch
 
 from .image_features import inner_model
-
-VERIFIED_MODEL_TYPES = frozenset({"llava", "qwen2_vl", "qwen2_5_vl"})
+from .models.families import fast_path_verified
 
 
 def can_share_prefill(model) -> bool:
-    """The architecture is verified and a cache will be kept (no gradient checkpointing)."""
-    model_type = getattr(getattr(inner_model(model), "config", None), "model_type", None)
-    return model_type in VERIFIED_MODEL_TYPES and not any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+    """The family is verified and a cache will be kept (no gradient checkpointing)."""
+    return fast_path_verified(model, "share_prompt_prefill") and not any(
+        getattr(m, "gradient_checkpointing", False) for m in model.modules())
 
 
 def distinct_prompts(prompts: Sequence[str], images: Sequence[Sequence[object]]) -> tuple[list[int], list[int]]:

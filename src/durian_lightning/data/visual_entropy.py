@@ -4,6 +4,7 @@ and a model-free pixel-histogram fallback. Each has a ``fingerprint`` naming eve
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 from typing import Literal, Sequence
 
@@ -37,16 +38,37 @@ def weights_fingerprint(module: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-class SpectralEntropyScorer:
-    """Spectral entropy (docs/method.md) of the patch features of a VLM's vision encoder.
+VISION_ENCODERS = ("vision_tower", "visual", "vision_model")  # the encoder's attribute name across families
 
-    Works with LLaVA-style models (a ``vision_tower`` + ``multi_modal_projector``) and Qwen-VL-style models (a
-    ``visual`` ViT ending in a patch merger). ``feature_source="vision_tower"`` takes the encoder's hidden state number
-    ``vision_layer`` before any projector / patch merger (0 = patch embeddings, i = output of block i, -1 = last
-    block); ``"projector"`` takes the features after the projector / merger (what the language model sees; only
-    ``vision_layer=-1`` for Qwen-VL). ``image_processor_kwargs`` go to the image processor (e.g. ``size`` or
-    ``max_pixels``) and set the resolution. These, the encoder's config and a hash of its weights make up the
-    fingerprint that keys the cache. Images with different patch counts are padded and masked.
+
+def vision_encoder(inner) -> torch.nn.Module | None:
+    """The vision encoder of a transformers VLM's inner model (``vision_tower``: LLaVA, Gemma, InternVL, Mistral 3;
+    ``visual``: Qwen-VL, GLM-4.1V; ``vision_model``: Idefics3 / SmolVLM)."""
+    return next((getattr(inner, name) for name in VISION_ENCODERS if getattr(inner, name, None) is not None), None)
+
+
+def encoder_blocks(encoder: torch.nn.Module, depth: int) -> torch.nn.ModuleList:
+    """The encoder's list of ``depth`` transformer blocks, wherever the family keeps it."""
+    for name, module in encoder.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == depth:
+            return module
+    raise ValueError(f"{type(encoder).__name__} has no list of {depth} blocks (its config's depth)")
+
+
+class SpectralEntropyScorer:
+    """Spectral entropy (docs/method.md) of the patch features of a VLM's own vision encoder, one value per image.
+
+    Works for any VLM whose inner model has ``get_image_features`` and a vision encoder (:func:`vision_encoder`): every
+    family of :mod:`durian_lightning.models.families`. ``feature_source="vision_tower"`` takes the encoder's hidden
+    state number ``vision_layer`` before any projector / patch merger (0 = the patch embeddings entering the first
+    block, i = output of block i, -1 = last block); ``"projector"`` takes what ``get_image_features`` returns (after
+    the projector / merger: what the language model sees; ``vision_layer=-1`` only).
+
+    Each image is encoded on its own, so a processor that tiles (InternVL's crops, LLaVA-OneVision's AnyRes views,
+    Idefics3's splits) gives the tiles of that image only: **their patches together are the image's patch set**, one
+    covariance and one entropy per image. Padding patches a processor adds (Gemma 4's, position -1) are left out.
+    ``image_processor_kwargs`` go to the image processor (e.g. ``size`` or ``max_pixels``) and set the resolution.
+    These, the encoder's config and a hash of its weights make up the fingerprint that keys the cache.
     """
 
     def __init__(
@@ -61,20 +83,23 @@ class SpectralEntropyScorer:
     ):
         if feature_source not in ("vision_tower", "projector"):
             raise ValueError(f"feature_source must be 'vision_tower' or 'projector', got {feature_source!r}")
+        if feature_source == "projector" and vision_layer != -1:
+            raise ValueError("projector features are the model's own get_image_features output: only vision_layer=-1")
         self.inner = getattr(model, "model", model)
-        if getattr(self.inner, "vision_tower", None) is not None:
-            self.kind, encoder = "llava", self.inner.vision_tower
-        elif getattr(self.inner, "visual", None) is not None:
-            self.kind, encoder = "qwen", self.inner.visual
-            if feature_source == "projector" and vision_layer != -1:
-                raise ValueError("Qwen-VL projector (patch merger) features exist only for vision_layer=-1")
-        else:
+        encoder = vision_encoder(self.inner)
+        model_type = getattr(model.config, "model_type", type(model).__name__)
+        if encoder is None or not hasattr(self.inner, "get_image_features"):
             raise ValueError(
-                f"{type(model).__name__} has neither a vision_tower (LLaVA-style) nor a visual encoder (Qwen-VL-style); "
-                "use entropy_method='pixel' for it"
+                f"{type(model).__name__} (model type {model_type!r}) has no vision encoder this scorer can reach "
+                f"(looked for {', '.join(VISION_ENCODERS)} and get_image_features); use entropy_method='pixel' for it"
             )
         self.model = model.to(device=device, dtype=dtype).eval()
         self.encoder = encoder
+        vision_config = getattr(model.config, "vision_config", None)
+        depth = getattr(vision_config, "num_hidden_layers", None) or getattr(vision_config, "depth", None)
+        self.blocks = encoder_blocks(encoder, depth) if feature_source == "vision_tower" else None
+        if self.blocks is not None and not -len(self.blocks) - 1 <= vision_layer <= len(self.blocks):
+            raise ValueError(f"vision_layer={vision_layer} is outside the encoder's 0..{len(self.blocks)} hidden states")
         self.image_processor = processor.image_processor
         self.vision_layer = vision_layer
         self.feature_source = feature_source
@@ -95,50 +120,45 @@ class SpectralEntropyScorer:
 
     @torch.no_grad()
     def features(self, images: Sequence[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(B, P, d)`` patch features of a batch of images and their ``(B, P)`` mask of real patches."""
-        inputs = self.image_processor(list(images), return_tensors="pt", **self.image_processor_kwargs)
-        pixels = inputs["pixel_values"].to(self.device, self.dtype)
-        if self.kind == "llava":
-            if self.feature_source == "vision_tower":
-                feats = self.encoder(pixels, output_hidden_states=True).hidden_states[self.vision_layer]
-            else:
-                out = self.inner.get_image_features(
-                    pixel_values=pixels, vision_feature_layer=self.vision_layer, vision_feature_select_strategy="full"
-                )
-                feats = out.pooler_output if hasattr(out, "pooler_output") else out
-                feats = torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats
-                feats = feats.reshape(len(images), -1, feats.shape[-1])
-            return feats, torch.ones(feats.shape[:2], dtype=torch.bool, device=feats.device)
-        return self._qwen_features(pixels, inputs["image_grid_thw"].to(self.device))
+        """``(B, P, d)`` patch features of a batch of images, each padded to the longest, and their ``(B, P)`` mask of
+        real patches."""
+        per_image = [self.image_features(image) for image in images]
+        feats = torch.nn.utils.rnn.pad_sequence(per_image, batch_first=True)
+        counts = torch.tensor([len(f) for f in per_image], device=feats.device)
+        return feats, torch.arange(feats.shape[1], device=feats.device)[None, :] < counts[:, None]
 
-    def _qwen_features(self, pixels: torch.Tensor, grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # The ViT returns the patches of all images concatenated (each image's rows contiguous, in window order,
-        # which the entropy does not depend on); the merger folds merge_size^2 neighbours into one token.
-        counts = grid.prod(dim=-1)
-        captured = {}
+    @torch.no_grad()
+    def image_features(self, image: Image.Image) -> torch.Tensor:
+        """``(patches, d)``: every patch feature of one image, its tiles' together."""
+        inputs = self.image_processor([image], return_tensors="pt", **self.image_processor_kwargs)
+        accepted = inspect.signature(self.inner.get_image_features).parameters
+        kwargs = {k: v.to(self.device, self.dtype if v.is_floating_point() else None) for k, v in inputs.items()
+                  if k in accepted and isinstance(v, torch.Tensor)}
+        captured: list[torch.Tensor] = []
         hook = None
-        depth = len(self.encoder.blocks)
-        layer = self.vision_layer % (depth + 1)
-        if self.feature_source == "vision_tower" and layer != depth:
-            target = self.encoder.patch_embed if layer == 0 else self.encoder.blocks[layer - 1]
-            hook = target.register_forward_hook(
-                lambda module, args, output: captured.update(x=output[0] if isinstance(output, tuple) else output)
-            )
+        if self.blocks is not None:
+            layer = self.vision_layer % (len(self.blocks) + 1)
+            if layer == 0:  # what enters the first block
+                hook = self.blocks[0].register_forward_pre_hook(
+                    lambda module, args, kw: captured.append(args[0] if args else kw["hidden_states"]), with_kwargs=True)
+            else:
+                hook = self.blocks[layer - 1].register_forward_hook(
+                    lambda module, args, out: captured.append(out[0] if isinstance(out, tuple) else out))
         try:
-            out = self.encoder(pixels, grid_thw=grid)
+            out = self.inner.get_image_features(**kwargs, return_dict=True)
         finally:
             if hook is not None:
                 hook.remove()
-        if self.feature_source == "projector":
-            rows = out.pooler_output
-            counts = counts // (self.encoder.spatial_merge_size**2)
+        if self.blocks is not None:
+            rows = captured[0]
         else:
-            rows = captured.get("x", out.last_hidden_state)
-        rows = rows.reshape(int(counts.sum()), -1)
-        per_image = torch.split(rows, counts.tolist())
-        feats = torch.nn.utils.rnn.pad_sequence(list(per_image), batch_first=True)
-        mask = torch.arange(feats.shape[1], device=feats.device)[None, :] < counts[:, None]
-        return feats, mask
+            pooled = out.pooler_output
+            rows = torch.cat([p.reshape(-1, p.shape[-1]) for p in pooled]) if isinstance(pooled, (list, tuple)) else pooled
+        rows = rows.reshape(-1, rows.shape[-1])
+        positions = inputs.get("image_position_ids")
+        if positions is not None and self.blocks is not None:  # Gemma 4 pads every image to the same patch count
+            rows = rows[(positions.to(rows.device) >= 0).all(-1).reshape(-1)]
+        return rows
 
     def __call__(self, images: Sequence[Image.Image]) -> list[float]:
         self.calls += 1

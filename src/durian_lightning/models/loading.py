@@ -9,8 +9,10 @@ import torch
 
 TINY_PREFIX = "tiny:"
 PRETRAINED = "llava-pretrained"
-# LoRA on the language model's attention only: a bare ".*q_proj" would adapt the vision tower too
-DEFAULT_LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"
+# LoRA on the language model's attention only (a bare ".*q_proj" would adapt the vision tower too). The language model
+# is `language_model` in most families, `text_model` in Idefics3 / SmolVLM; Qwen3.5's linear-attention layers project
+# with in_proj_qkv / out_proj.
+DEFAULT_LORA_TARGETS = r".*(language_model|text_model).*\.(q_proj|k_proj|v_proj|o_proj|in_proj_qkv|out_proj)"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

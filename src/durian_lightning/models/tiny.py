@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -20,13 +21,19 @@ SPECIAL_TOKENS = [
 
 
 
-def _chat_template(image_markup: str) -> str:
-    """ChatML, with each image rendered as ``image_markup`` where the message content puts it."""
+def _chat_template(image_markup: str, turn: tuple[str, str] = ("<|im_start|>{role}\n", "<|im_end|>\n"),
+                   assistant: str = "assistant") -> str:
+    """A chat template in a family's turn markup (ChatML by default), each image rendered as ``image_markup`` where
+    the message content puts it. Content may be a string or a list of parts, for every role (the system prompt
+    included), as the families' own templates accept."""
+    start, end = (part.replace("{role}", "' + (m['role'] if m['role'] != 'assistant' else '" + assistant + "') + '")
+                  for part in turn)
     return (
-        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+        "{% for m in messages %}{{ '" + start + "' }}"
         "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
         "{% if c['type'] == 'image' %}" + image_markup + "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}"
-        "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+        "{{ '" + end + "' }}{% endfor %}{% if add_generation_prompt %}{{ '"
+        + turn[0].replace("{role}", assistant) + "' }}{% endif %}"
     )
 
 
@@ -42,22 +49,31 @@ _CORPUS = [
 ]
 
 
-def _train_tokenizer(vocab_size: int, chat_template: str = TINY_CHAT_TEMPLATE, corpus: list[str] | None = None):
-    """Byte-level BPE (any text is spellable) whose merges come from ``corpus`` (default: the task's words)."""
+def _train_tokenizer(vocab_size: int, chat_template: str = TINY_CHAT_TEMPLATE, corpus: list[str] | None = None,
+                     extra_tokens: Sequence[str] = (), named_tokens: dict[str, str] | None = None,
+                     eos_token: str = "<|im_end|>"):
+    """Byte-level BPE (any text is spellable) whose merges come from ``corpus`` (default: the task's words).
+
+    ``extra_tokens``: a family's special tokens beyond :data:`SPECIAL_TOKENS` (appended, so the shared ones keep their
+    ids); ``named_tokens``: attributes processors read (``image_token``, ``boi_token``, ...), each also a special token.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
+    named = dict(named_tokens or {})
+    specials = list(dict.fromkeys([*SPECIAL_TOKENS, *extra_tokens, *named.values(), eos_token]))
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tokenizer.train_from_iterator((_CORPUS + list(corpus or [])) * 20, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<pad>")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=eos_token, pad_token="<pad>",
+                                   **({"extra_special_tokens": named} if named else {}))
     fast.chat_template = chat_template
     return fast
 
@@ -209,18 +225,24 @@ def build_tiny_llava_format(**kwargs):
     return model, processor
 
 
-BUILDERS = {"llava": build_tiny_llava, "qwen2_5_vl": build_tiny_qwen2_5_vl, "llava-format": build_tiny_llava_format}
+def builders() -> dict:
+    """``tiny:<name>`` -> builder: the two above, the format warm-start, and every family of :mod:`.tiny_families`."""
+    from .tiny_families import BUILDERS as FAMILIES
+
+    return {"llava": build_tiny_llava, "qwen2_5_vl": build_tiny_qwen2_5_vl, "llava-format": build_tiny_llava_format,
+            **FAMILIES}
 
 
 def tiny_vlm_path(root: str | os.PathLike, architecture: str = "llava", **kwargs) -> Path:
     """Build a tiny VLM into ``root`` once (atomically) and return the folder, loadable by ``from_pretrained``."""
-    if architecture not in BUILDERS:
-        raise ValueError(f"unknown tiny architecture {architecture!r}; choose one of {sorted(BUILDERS)}")
+    known = builders()
+    if architecture not in known:
+        raise ValueError(f"unknown tiny architecture {architecture!r}; choose one of {sorted(known)}")
     root = Path(root)
     if (root / "config.json").exists() and (root / "processor_config.json").exists():
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
-    model, processor = BUILDERS[architecture](**kwargs)
+    model, processor = known[architecture](**kwargs)
     staging = Path(tempfile.mkdtemp(prefix=root.name + ".", dir=root.parent))
     model.save_pretrained(staging)
     processor.save_pretrained(staging)

@@ -1,0 +1,67 @@
+"""The VLM families the conformance suite (tests/test_families.py) runs, and which fast paths it shows exact for each.
+
+A fast path is on only for a family listed here with it verified: every other model, a family the suite does not
+cover included, takes the plain path (each pass encodes its images, each row runs its whole prompt), with an info
+line saying so. Adding a family: a tiny builder in :mod:`.tiny_families`, a row here, and the suite passes.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Family:
+    """``reuse_image_features``: images encoded once per step (:mod:`durian_lightning.image_features`);
+    ``share_prompt_prefill``: a prompt's prefill run once for its rows (:mod:`durian_lightning.shared_prefill`)."""
+
+    model_type: str  # transformers' config.model_type
+    name: str  # as people call it
+    reuse_image_features: bool = False
+    share_prompt_prefill: bool = False
+    limits: str = ""
+
+
+FAMILIES: dict[str, Family] = {f.model_type: f for f in (
+    Family("llava", "LLaVA", True, True),
+    Family("qwen2_vl", "Qwen2-VL", True, True),
+    Family("qwen2_5_vl", "Qwen2.5-VL", True, True),
+    Family("qwen3_vl", "Qwen3-VL", False, True,
+           "image-feature reuse off: the forward also takes DeepStack features per image"),
+    Family("qwen3_vl_moe", "Qwen3-VL-MoE", False, True,
+           "image-feature reuse off: the forward also takes DeepStack features per image"),
+    Family("qwen3_5", "Qwen3.5", False, False,
+           "shared prefill off: the linear-attention layers' recurrent cache cannot be gathered to rows"),
+    Family("gemma3", "Gemma 3", False, True, "image-feature reuse off: the forward takes one stacked tensor"),
+    Family("gemma4", "Gemma 4", False, False,
+           "both fast paths off: shared prefill changes the log-probs (image-token attention)"),
+    Family("internvl", "InternVL 3", False, True, "image-feature reuse off: the forward takes one stacked tensor"),
+    Family("llava_onevision", "LLaVA-OneVision", False, True,
+           "image-feature reuse off: AnyRes features are packed per prompt"),
+    Family("idefics3", "Idefics3 / SmolVLM", False, True,
+           "image-feature reuse off: the processor encodes a prompt's images as one sample"),
+    Family("glm4v", "GLM-4.1V", True, True),
+    Family("mistral3", "Mistral 3", False, True, "image-feature reuse off: features are merged per prompt"),
+)}
+
+
+def model_type(model) -> str | None:
+    """``config.model_type`` of a transformers model, under a peft wrapper too."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(getattr(base, "config", None), "model_type", None)
+
+
+def fast_path_verified(model, path: str) -> bool:
+    """Whether the suite showed ``path`` (a :class:`Family` field) exact for this model's family."""
+    family = FAMILIES.get(model_type(model))
+    return bool(family is not None and getattr(family, path))
+
+
+def explain_fast_path_off(model, path: str) -> None:
+    """The info line for a fast path left off because the model's family is not verified for it."""
+    kind = model_type(model)
+    why = "a family the conformance suite does not cover" if kind not in FAMILIES else "not verified exact for it"
+    log.info("%s is off for model type %r (%s): the plain path runs", path, kind, why)

@@ -1,0 +1,163 @@
+"""The conformance suite: every VLM family of models/families.py, built tiny from its transformers config, passes the
+same checks. Exact log-probs (batched = alone, recorded while sampling = recomputed), LoRA on the language model only,
+one finite visual entropy per image (tiled processors too), the fast paths exact where on and off elsewhere, the
+family's own inputs in every pass, the system prompt in the rendered prompt, and a CLI fit / validate whose adapter
+reloads with peft."""
+
+import dataclasses
+import logging
+import math
+import re
+
+import pytest
+import torch
+from PIL import Image
+
+from durian_lightning.data import SpectralEntropyScorer
+from durian_lightning.difficulty import spectral_entropy
+from durian_lightning.image_features import ImageFeatures
+from durian_lightning.models import load_policy, resolve_model_path
+from durian_lightning.models.families import FAMILIES
+from durian_lightning.prompts import build_messages, render_prompt
+from durian_lightning.rollout import SamplingConfig, completion_logprobs, encode_prompts, generate_rollouts
+from durian_lightning.shared_prefill import can_share_prefill
+
+from .test_training import _model_cache  # noqa: F401  (the autouse fixture pins the model cache)
+
+SYSTEM = "You are a careful visual reasoner."
+LANGUAGE_MODEL = re.compile(r".*\.(language_model|text_model)\..*")
+
+
+@pytest.fixture(params=sorted(FAMILIES))
+def family(request):
+    return FAMILIES[request.param]
+
+
+def load(family, use_lora=True):
+    torch.manual_seed(0)
+    model, processor = load_policy(resolve_model_path(f"tiny:{family.model_type}"), use_lora=use_lora)
+    if use_lora:
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:  # a policy that has moved from the start, so the adapter changes the log-probs
+                torch.nn.init.normal_(parameter, std=0.05)
+    return model, processor
+
+
+def images():
+    """Two prompts: one with two images of different sizes (the second large enough to tile), one with a third."""
+    return [[Image.new("RGB", (56, 56), "blue"), Image.effect_noise((112, 84), 40).convert("RGB")],
+            [Image.effect_noise((70, 140), 30).convert("RGB")]]
+
+
+def prompts(processor):
+    return [render_prompt(processor, build_messages("Compare the two images.", 2, SYSTEM, None)),
+            render_prompt(processor, build_messages("How many red circles are there?", 1, SYSTEM, None))]
+
+
+def rollout(model, processor, num_generations=2, **kwargs):
+    out = generate_rollouts(model, processor, prompts(processor), images(), num_generations,
+                            SamplingConfig(max_new_tokens=6), **kwargs)
+    mask = out.completion_mask.clone()
+    mask[1, 3:] = 0  # a completion that ended early (a random tiny model rarely samples EOS)
+    return dataclasses.replace(out, completion_mask=mask)
+
+
+def test_each_row_gets_the_logprobs_it_gets_alone_and_the_ones_it_was_sampled_with(family):
+    model, processor = load(family)
+    sampled = rollout(model, processor)
+    rows = list(range(len(sampled)))
+    with torch.no_grad():
+        batched = completion_logprobs(model, processor, sampled, rows, share_prefill=False)
+        alone = torch.cat([completion_logprobs(model, processor, sampled, [row], share_prefill=False) for row in rows])
+    mask = sampled.completion_mask.bool()
+    torch.testing.assert_close(batched[mask], alone[mask], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sampled.sampled_logprobs[mask], batched[mask], atol=1e-5, rtol=1e-5)
+
+
+def test_default_lora_adapts_the_language_model_only(family):
+    model, processor = load(family)
+    trained = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert trained and all(LANGUAGE_MODEL.match(name) and "lora_" in name for name in trained), trained
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    sampled = rollout(model, processor)
+    logprobs = completion_logprobs(model, processor, sampled, list(range(len(sampled))))
+    (-(logprobs * sampled.completion_mask).sum()).backward()
+    optimizer.step()
+    changed = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
+    assert changed and changed <= set(trained)  # no vision-tower, projector or base weight moved
+
+
+def test_one_finite_visual_entropy_per_image_from_the_familys_own_encoder(family):
+    model, processor = load(family, use_lora=False)
+    flat = [image for row in images() for image in row]
+    for feature_source in ("vision_tower", "projector"):
+        scorer = SpectralEntropyScorer(model, processor, -1, feature_source)
+        values = scorer(flat)
+        assert len(values) == len(flat) and all(math.isfinite(v) and v > 0 for v in values)
+        alone = [scorer([image])[0] for image in flat]
+        assert values == pytest.approx(alone, rel=1e-5)
+        features = scorer.image_features(flat[1])  # a tiling processor's crops of one image are its patch set
+        assert values[1] == pytest.approx(spectral_entropy(features.float()).item(), rel=1e-6)
+    first_block = SpectralEntropyScorer(model, processor, 0, "vision_tower")(flat)
+    assert len(first_block) == len(flat) and first_block != pytest.approx(values)
+
+
+def _logprobs_and_grads(model, processor, sampled, rows, share_prefill, features=None):
+    model.zero_grad()
+    logprobs = completion_logprobs(model, processor, sampled, rows, share_prefill=share_prefill, image_features=features)
+    (logprobs * sampled.completion_mask[rows]).sum().backward()
+    return logprobs.detach(), torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+
+
+def test_fast_paths_are_exact_where_on_and_off_elsewhere(family, caplog):
+    model, processor = load(family)
+    with caplog.at_level(logging.INFO):
+        features = ImageFeatures(model, processor)
+    flat = [image for row in images() for image in row]
+    assert features.reusable(flat) == family.reuse_image_features
+    assert can_share_prefill(model) == family.share_prompt_prefill
+    if not family.reuse_image_features:
+        assert f"rollout.reuse_image_features is off for model type {family.model_type!r}" in caplog.text
+    sampled = rollout(model, processor, 3)
+    rows = [5, 0, 3, 1, 2, 4]
+    plain, plain_grads = _logprobs_and_grads(model, processor, sampled, rows, False)
+    mask = sampled.completion_mask[rows].bool()
+    for share, reuse in ((True, False), (False, True), (True, True)):
+        fast, fast_grads = _logprobs_and_grads(model, processor, sampled, rows, share, features if reuse else None)
+        torch.testing.assert_close(fast[mask], plain[mask], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(fast_grads, plain_grads, atol=1e-5, rtol=1e-4)
+    assert plain_grads.abs().sum() > 0
+
+
+def test_the_familys_own_inputs_reach_every_pass(family):
+    model, processor = load(family)
+    calls = []
+    base = model.get_base_model()
+    handle = base.register_forward_pre_hook(lambda module, args, kwargs: calls.append(kwargs), with_kwargs=True)
+    try:
+        sampled = rollout(model, processor)
+        encoded = encode_prompts(processor, sampled.prompts, sampled.images, None)
+        generate_call = calls[0]
+        calls.clear()
+        with torch.no_grad():
+            completion_logprobs(model, processor, sampled, list(range(len(sampled))), share_prefill=False)
+    finally:
+        handle.remove()
+    (forward,) = calls
+    width = encoded["input_ids"].shape[1] + sampled.completion_ids.shape[1]
+    # generate (transformers 5.2x) encodes the images itself before its first forward and passes their features
+    encoded_by_generate = "mm_encoder_outputs" in generate_call
+    for key, value in encoded.items():  # e.g. token_type_ids, mm_token_type_ids, image_sizes, pixel_attention_mask
+        per_token = isinstance(value, torch.Tensor) and value.shape == encoded["input_ids"].shape
+        assert key in forward and (key in generate_call or (encoded_by_generate and not per_token)), key
+        if per_token:
+            assert forward[key].shape == (len(sampled), width), key
+            if key not in ("input_ids", "attention_mask"):  # the completion's type ids say "text"
+                assert (forward[key][:, encoded["input_ids"].shape[1]:] == 0).all(), key
+
+
+def test_the_system_prompt_reaches_the_rendered_prompt(family):
+    _, processor = load(family, use_lora=False)
+    for rendered in prompts(processor):
+        assert SYSTEM in rendered
