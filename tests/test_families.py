@@ -8,6 +8,7 @@ import dataclasses
 import logging
 import math
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -161,3 +162,36 @@ def test_the_system_prompt_reaches_the_rendered_prompt(family):
     _, processor = load(family, use_lora=False)
     for rendered in prompts(processor):
         assert SYSTEM in rendered
+
+
+def test_cli_fit_and_validate_and_the_adapter_reloads_with_peft(family, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    from durian_lightning.cli import run_cli
+
+    from .test_training import fit_args, small_data_folder
+
+    model_name = f"tiny:{family.model_type}"
+    data = ["--data.source", str(small_data_folder(tmp_path / "data", 4))]  # the family's encoder scores 4 images
+    cli = run_cli(["fit", *fit_args(tmp_path, model_name, *data, "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0",
+                                    "--model.reward.functions", "[tests.test_training:length_reward]",
+                                    "--model.rollout.num_generations", "4", "--seed_everything", "0")])
+    assert cli.trainer.global_step == 2
+    adapter = Path(cli.trainer.log_dir) / "adapter"
+    base = AutoModelForImageTextToText.from_pretrained(resolve_model_path(model_name))
+    reloaded = PeftModel.from_pretrained(base, str(adapter))
+    trained, processor = cli.model.model, cli.model.processor
+    greedy = SamplingConfig(max_new_tokens=8, do_sample=False)
+    sample = cli.datamodule.dataset("validation")[0]
+    rollout_of = lambda m, p, s: generate_rollouts(m, p, [s["prompt"]], [s["images"]], 1, greedy)  # noqa: E731
+    after = [rollout_of(m, processor, sample).completion_ids for m in (trained, reloaded)]
+    assert torch.equal(after[0], after[1])
+    with torch.no_grad():  # the update moved the policy: the adapter is not a no-op
+        adapted = completion_logprobs(reloaded, processor, rollout_of(reloaded, processor, sample), [0])
+        with reloaded.disable_adapter():
+            plain = completion_logprobs(reloaded, processor, rollout_of(reloaded, processor, sample), [0])
+    assert (adapted - plain).abs().max() > 1e-4
+
+    validated = run_cli(["validate", *fit_args(tmp_path / "validate", model_name, *data)])
+    assert math.isfinite(validated.trainer.callback_metrics["val/accuracy"])

@@ -87,12 +87,10 @@ class ImageFeatures:
         if "pixel_values" not in inputs or not self.reusable(flat):
             return inputs
         self._add(flat)
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
-
         device = inputs["pixel_values"].device
-        del inputs["pixel_values"]
-        features = [self._cache[id(image)][1].to(device) for image in flat]
-        inputs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=features)}
+        for key in PIXEL_ONLY_INPUTS:
+            inputs.pop(key, None)
+        inputs["mm_encoder_outputs"] = {"image": combine([self._cache[id(image)][1] for image in flat], device)}
         return inputs
 
     def _image_path_trains(self, image: Image.Image) -> bool:
@@ -115,17 +113,75 @@ class ImageFeatures:
                 for image, features in zip(missing, self._encode(missing)):
                     self._cache[id(image)] = (image, features)
 
-    def _encode(self, images: Sequence[Image.Image]) -> list[torch.Tensor]:
-        """``(tokens_i, hidden)`` features of each image, as the model's forward computes them from pixels."""
+    def _encode(self, images: Sequence[Image.Image]) -> list[ImageOutput]:
+        """Each image's encoder output, as the model's forward computes it from pixels: one batched call, split per
+        image where the output says which part is whose, else one call per image (tiling processors)."""
+        pieces = split_per_image(self._encoder_output(images), len(images))
+        if pieces is None:
+            pieces = [split_per_image(self._encoder_output([image]), 1) for image in images]
+            if any(piece is None for piece in pieces):
+                raise TypeError(f"{type(inner_model(self.model)).__name__}'s image features have a layout this reuse "
+                                "cannot cut per image; run with rollout.reuse_image_features false")
+            pieces = [piece[0] for piece in pieces]
+        return pieces
+
+    def _encoder_output(self, images: Sequence[Image.Image]):
         inner = inner_model(self.model)
         pixels = self.processor.image_processor(images=list(images), return_tensors="pt")
         accepted = inspect.signature(inner.get_image_features).parameters
         device = next(self.model.parameters()).device
-        kwargs = {k: v.to(device) for k, v in pixels.items() if k in accepted}
+        kwargs = {k: v.to(device) for k, v in pixels.items() if k in accepted and isinstance(v, torch.Tensor)}
         was_training = self.model.training
         self.model.eval()
         try:
-            output = inner.get_image_features(**kwargs, return_dict=True)
+            return inner.get_image_features(**kwargs, return_dict=True)
         finally:
             self.model.train(was_training)
-        return list(output.pooler_output)
+
+
+# What the processor gives only for the vision encoder: dropped when features stand in for the pixels.
+PIXEL_ONLY_INPUTS = ("pixel_values", "pixel_attention_mask", "image_position_ids")
+
+
+class ImageOutput:
+    """One image's share of an encoder output: its ``pooler_output`` rows and its rows of every per-layer list
+    (Qwen3-VL's DeepStack features), and whether the model takes the pooled features as a list or one tensor."""
+
+    def __init__(self, output_type, pooled: torch.Tensor, as_list: bool, layers: dict[str, list[torch.Tensor]]):
+        self.output_type, self.pooled, self.as_list, self.layers = output_type, pooled, as_list, layers
+
+
+def split_per_image(output, count: int) -> list[ImageOutput] | None:
+    """``output`` of ``get_image_features`` over ``count`` images, cut into each image's part; ``None`` when its
+    layout does not say which rows are whose (a tiling processor's crops: several rows per image)."""
+    pooled = output.pooler_output
+    as_list = isinstance(pooled, (list, tuple))
+    if count == 1:  # all of it is the one image's, tiles included
+        parts = [torch.cat([p.reshape(-1, p.shape[-1]) for p in pooled])] if as_list else [pooled]
+    elif len(pooled) == count:
+        parts = list(pooled) if as_list else list(pooled.split(1))
+    else:
+        return None
+    layers: dict[str, list[list[torch.Tensor]]] = {}
+    for name, value in output.items():
+        if name in ("pooler_output", "last_hidden_state", "hidden_states", "attentions") or value is None:
+            continue
+        per_layer = []
+        for layer in value if isinstance(value, (list, tuple)) else [None]:
+            if isinstance(layer, (list, tuple)) and len(layer) == count:  # already one tensor per image
+                per_layer.append(list(layer) if count > 1 else [torch.cat(list(layer))])
+            else:
+                return None  # a field we cannot cut per image: encode per image
+        layers[name] = per_layer
+    return [ImageOutput(type(output), part, as_list, {name: [layer[i] for layer in per] for name, per in layers.items()})
+            for i, part in enumerate(parts)]
+
+
+def combine(pieces: Sequence[ImageOutput], device) -> Any:
+    """The encoder output the forward would have computed for these images, in this order."""
+    first = pieces[0]
+    pooled = [p.pooled.to(device) for p in pieces]
+    # per-layer lists go back in the layout the model gives them: one tensor per image (Qwen3-VL's DeepStack)
+    fields = {name: [tuple(p.layers[name][k].to(device) for p in pieces) for k in range(len(layer))]
+              for name, layer in first.layers.items()}
+    return first.output_type(pooler_output=tuple(pooled) if first.as_list else torch.cat(pooled), **fields)

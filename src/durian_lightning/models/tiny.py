@@ -22,15 +22,16 @@ SPECIAL_TOKENS = [
 
 
 def _chat_template(image_markup: str, turn: tuple[str, str] = ("<|im_start|>{role}\n", "<|im_end|>\n"),
-                   assistant: str = "assistant") -> str:
+                   assistant: str = "assistant", string_content: bool = True) -> str:
     """A chat template in a family's turn markup (ChatML by default), each image rendered as ``image_markup`` where
-    the message content puts it. Content may be a string or a list of parts, for every role (the system prompt
-    included), as the families' own templates accept."""
+    the message content puts it. Content may be a string or a list of parts, for every role; with
+    ``string_content=False`` only parts, as Idefics3's and SmolVLM's own templates (a plain string renders empty)."""
     start, end = (part.replace("{role}", "' + (m['role'] if m['role'] != 'assistant' else '" + assistant + "') + '")
                   for part in turn)
     return (
         "{% for m in messages %}{{ '" + start + "' }}"
-        "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+        + ("{% if m['content'] is string %}{{ m['content'] }}{% else %}" if string_content else "{% if m['content'] is not string %}")
+        + "{% for c in m['content'] %}"
         "{% if c['type'] == 'image' %}" + image_markup + "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}"
         "{{ '" + end + "' }}{% endfor %}{% if add_generation_prompt %}{{ '"
         + turn[0].replace("{role}", assistant) + "' }}{% endif %}"

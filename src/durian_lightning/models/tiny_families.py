@@ -231,7 +231,7 @@ def build_tiny_idefics3(text_hidden: int = 64, num_layers: int = 2, vocab_size: 
     global view, marks them with ``<row_i_col_j>`` / ``<global-img>`` and returns ``pixel_attention_mask``."""
     from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessor, Idefics3Processor
 
-    template = _chat_template("<image>", ("<|im_start|>{role}:", "<end_of_utterance>\n"), "Assistant")
+    template = _chat_template("<image>", ("<|im_start|>{role}:", "<end_of_utterance>\n"), "Assistant", string_content=False)
     grid = [f"<row_{i + 1}_col_{j + 1}>" for i in range(6) for j in range(6)]
     tokenizer = _train_tokenizer(vocab_size, template,
                                  extra_tokens=["<fake_token_around_image>", "<global-img>", "<image>", *grid],
