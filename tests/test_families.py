@@ -195,3 +195,21 @@ def test_cli_fit_and_validate_and_the_adapter_reloads_with_peft(family, tmp_path
 
     validated = run_cli(["validate", *fit_args(tmp_path / "validate", model_name, *data)])
     assert math.isfinite(validated.trainer.callback_metrics["val/accuracy"])
+
+
+def test_a_model_the_library_cannot_drive_is_named_with_what_to_do(tmp_path):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from durian_lightning.models.tiny import _text_config, _train_tokenizer
+
+    tokenizer = _train_tokenizer(300)
+    Qwen2ForCausalLM(Qwen2Config(**_text_config(tokenizer, 32, 1))).save_pretrained(tmp_path / "text-only")
+    tokenizer.save_pretrained(tmp_path / "text-only")
+    with pytest.raises(ValueError, match="model type 'qwen2' is not an image-text-to-text model.*Qwen3-VL"):
+        load_policy(str(tmp_path / "text-only"))
+    model, processor = load(FAMILIES["gemma3"], use_lora=False)
+    processor.chat_template = processor.tokenizer.chat_template = None  # e.g. a base (not instruction-tuned) checkpoint
+    model.save_pretrained(tmp_path / "no-template")
+    processor.save_pretrained(tmp_path / "no-template")
+    with pytest.raises(ValueError, match="model type 'gemma3'.* has no chat template"):
+        load_policy(str(tmp_path / "no-template"))

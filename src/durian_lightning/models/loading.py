@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 import torch
+
+log = logging.getLogger(__name__)
 
 TINY_PREFIX = "tiny:"
 PRETRAINED = "llava-pretrained"
@@ -51,11 +54,29 @@ def load_policy(
     """``(model, processor)``; with LoRA only the adapter trains and ``model.disable_adapter()`` is the reference."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    from .families import FAMILIES
+
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     path = resolve_model_path(name_or_path)
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=DTYPES[dtype])
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=DTYPES[dtype])
+    except ValueError as error:
+        if "Unrecognized configuration class" not in str(error):
+            raise
+        raise ValueError(
+            f"{path}: model type {_model_type(path)!r} is not an image-text-to-text model (AutoModelForImageTextToText "
+            f"cannot load it), so it cannot be trained on images here. Use a VLM checkpoint; the families tested end to "
+            f"end are {', '.join(f.name for f in FAMILIES.values())}"
+        ) from error
     processor = AutoProcessor.from_pretrained(path)
+    kind = model.config.model_type
+    if getattr(processor, "chat_template", None) is None:
+        raise ValueError(f"{path} (model type {kind!r}) has no chat template: prompts cannot be rendered. Use the "
+                         "instruction-tuned checkpoint, or save a chat_template.jinja beside the processor")
+    if kind not in FAMILIES:
+        log.warning("model type %r is not covered by the conformance suite (tests/test_families.py): it runs on the "
+                    "plain paths, unverified; check its log-probs with that suite's checks before a long run", kind)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -69,3 +90,9 @@ def load_policy(
         if gradient_checkpointing:
             model.enable_input_require_grads()
     return model, processor
+
+
+def _model_type(path: str) -> str:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(path).model_type
