@@ -12,14 +12,16 @@ Features are computed in eval mode and without gradients; they are reused only w
 holds a trainable parameter (checked once, on the first image), so a trained vision tower or projector (LoRA on it,
 or full fine-tuning) always re-encodes.
 Transformers before 5.18 cannot take precomputed features: there every pass encodes its rows' images, as before.
-Only for the families the conformance suite shows exact (:mod:`durian_lightning.models.families`): others hand the
-forward more than one feature tensor per image (Qwen3-VL's DeepStack features) or expect them in another layout.
+Only for the families the conformance suite shows exact (:mod:`durian_lightning.models.families`): for the others an
+image encoded alone is not what the forward makes of it inside a prompt (LLaVA-OneVision drops AnyRes tiles in
+multi-image prompts; Mistral 3's processor resizes differently from its image processor).
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
+from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
 import torch
@@ -55,7 +57,7 @@ class ImageFeatures:
         verified = fast_path_verified(model, "reuse_image_features")
         self.enabled = enabled and verified and accepts_precomputed_features(model)
         self._encoder_is_frozen: bool | None = None  # decided on the first image
-        self._cache: dict[int, tuple[Image.Image, torch.Tensor]] = {}
+        self._cache: dict[int, tuple[Image.Image, ImageOutput]] = {}
         if enabled and not verified:
             explain_fast_path_off(model, "rollout.reuse_image_features")
         elif enabled and not self.enabled:
@@ -143,12 +145,15 @@ class ImageFeatures:
 PIXEL_ONLY_INPUTS = ("pixel_values", "pixel_attention_mask", "image_position_ids")
 
 
+@dataclass(frozen=True)
 class ImageOutput:
-    """One image's share of an encoder output: its ``pooler_output`` rows and its rows of every per-layer list
+    """One image's share of an encoder output: its ``pooler_output`` rows and its tensor of every per-layer list
     (Qwen3-VL's DeepStack features), and whether the model takes the pooled features as a list or one tensor."""
 
-    def __init__(self, output_type, pooled: torch.Tensor, as_list: bool, layers: dict[str, list[torch.Tensor]]):
-        self.output_type, self.pooled, self.as_list, self.layers = output_type, pooled, as_list, layers
+    output_type: type
+    pooled: torch.Tensor
+    as_list: bool
+    layers: dict[str, list[torch.Tensor]]
 
 
 def split_per_image(output, count: int) -> list[ImageOutput] | None:

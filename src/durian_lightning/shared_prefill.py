@@ -8,7 +8,7 @@ every row. The logits are those of the full forward over ``prompt + completion``
 (Qwen-VL's 3-D M-RoPE positions are computed for the full rows, as the full forward would, and passed in).
 
 Used only where it is the same computation: families the conformance suite shows exact
-(:mod:`durian_lightning.models.families`; others, e.g. Gemma 3's bidirectional attention over image tokens or Qwen3.5's
+(:mod:`durian_lightning.models.families`; others, e.g. Gemma 4's image-token attention layout or Qwen3.5's
 recurrent layers, may treat a split sequence differently), and not with gradient checkpointing, under which
 transformers drops the cache while training.
 """

@@ -121,8 +121,11 @@ class SpectralEntropyScorer:
     @torch.no_grad()
     def features(self, images: Sequence[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B, P, d)`` patch features of a batch of images, each padded to the longest, and their ``(B, P)`` mask of
-        real patches."""
-        per_image = [self.image_features(image) for image in images]
+        real patches. One encoder call for the batch where its output says which rows are whose, else one per image
+        (tiling processors, encoders that join all images into one sequence)."""
+        per_image = self._encode(list(images))
+        if per_image is None:
+            per_image = [self.image_features(image) for image in images]
         feats = torch.nn.utils.rnn.pad_sequence(per_image, batch_first=True)
         counts = torch.tensor([len(f) for f in per_image], device=feats.device)
         return feats, torch.arange(feats.shape[1], device=feats.device)[None, :] < counts[:, None]
@@ -130,7 +133,12 @@ class SpectralEntropyScorer:
     @torch.no_grad()
     def image_features(self, image: Image.Image) -> torch.Tensor:
         """``(patches, d)``: every patch feature of one image, its tiles' together."""
-        inputs = self.image_processor([image], return_tensors="pt", **self.image_processor_kwargs)
+        return self._encode([image])[0]
+
+    def _encode(self, images: list[Image.Image]) -> list[torch.Tensor] | None:
+        """Each image's ``(patches, d)`` features from one encoder call; ``None`` when the output cannot be cut per
+        image (one image always can: all of it is that image's)."""
+        inputs = self.image_processor(images, return_tensors="pt", **self.image_processor_kwargs)
         accepted = inspect.signature(self.inner.get_image_features).parameters
         kwargs = {k: v.to(self.device, self.dtype if v.is_floating_point() else None) for k, v in inputs.items()
                   if k in accepted and isinstance(v, torch.Tensor)}
@@ -149,16 +157,30 @@ class SpectralEntropyScorer:
         finally:
             if hook is not None:
                 hook.remove()
-        if self.blocks is not None:
-            rows = captured[0]
+        rows = captured[0] if self.blocks is not None else out.pooler_output
+        positions = inputs.get("image_position_ids") if self.blocks is not None else None
+        real = None if positions is None else (positions.to(self.device) >= 0).all(-1)  # Gemma 4 pads patches
+        # Batches are cut only where each image's rows are known to be its own at its own size: Qwen-VL-style patch
+        # grids, or fixed-size images one row each. Processors that resize or pad per batch (``image_sizes``:
+        # Mistral 3, LLaVA-OneVision's AnyRes) and tiling ones encode one image per call (a test checks batched = alone).
+        count, grid = len(images), inputs.get("image_grid_thw")
+        if count == 1:
+            parts = [torch.cat([r.reshape(-1, r.shape[-1]) for r in rows])] if isinstance(rows, (list, tuple)) else [rows]
+            real = None if real is None else real.reshape(1, -1)
+        elif grid is not None and isinstance(rows, (list, tuple)):  # one entry per image
+            parts = list(rows)
+        elif grid is not None and rows.dim() == 2 and rows.shape[0] == int(grid.prod(-1).sum()):
+            parts = list(rows.split(grid.prod(-1).tolist()))  # the ViT's patches of all images, image after image
+        elif "image_sizes" not in inputs and torch.is_tensor(rows) and rows.dim() == 3 and rows.shape[0] == count:
+            parts = list(rows)  # (images, patches, d)
         else:
-            pooled = out.pooler_output
-            rows = torch.cat([p.reshape(-1, p.shape[-1]) for p in pooled]) if isinstance(pooled, (list, tuple)) else pooled
-        rows = rows.reshape(-1, rows.shape[-1])
-        positions = inputs.get("image_position_ids")
-        if positions is not None and self.blocks is not None:  # Gemma 4 pads every image to the same patch count
-            rows = rows[(positions.to(rows.device) >= 0).all(-1).reshape(-1)]
-        return rows
+            return None
+        if len(parts) != count:
+            return None
+        parts = [part.reshape(-1, part.shape[-1]) for part in parts]
+        if real is not None:
+            parts = [part[mask.reshape(-1)] for part, mask in zip(parts, real)]
+        return parts
 
     def __call__(self, images: Sequence[Image.Image]) -> list[float]:
         self.calls += 1
