@@ -63,8 +63,9 @@ class DurianGRPO(L.LightningModule):
     """GRPO / DAPO with Durian's difficulty-aware advantages on a LoRA-adapted VLM.
 
     Args:
-        model_name_or_path: VLM path or hub id, or tiny:llava / tiny:qwen2_5_vl / tiny:llava-format (built offline) /
-                tiny:llava-pretrained (shipped: pretrained and instruction-tuned, see models/pretrain.py).
+        model_name_or_path: VLM path or hub id, or tiny:<family> (any family of models/families.py, e.g. tiny:qwen3_vl,
+                built offline) / tiny:llava-format / tiny:llava-pretrained (shipped: pretrained and instruction-tuned,
+                see models/pretrain.py).
         dtype: weights dtype: float32 on CPU, bfloat16 on GPU.
         gradient_checkpointing: recompute activations in backward to save memory.
         lora: the LoRA adapter (or full fine-tuning).

@@ -20,8 +20,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def resolve_model_path(name_or_path: str, cache_root: str | os.PathLike | None = None) -> str:
-    """``tiny:llava`` / ``tiny:qwen2_5_vl`` / ``tiny:llava-format`` build (once) a tiny offline VLM and return its
-    folder; ``tiny:llava-pretrained`` is the pretrained and instruction-tuned one shipped with the package
+    """``tiny:<family>`` (``tiny:llava``, ``tiny:qwen3_vl``, ... every family of :mod:`.families`) and
+    ``tiny:llava-format`` build (once) a tiny offline VLM and return its folder; ``tiny:llava-pretrained`` is the pretrained and instruction-tuned one shipped with the package
     (:mod:`.pretrain`); other names pass."""
     if not name_or_path.startswith(TINY_PREFIX):
         return name_or_path
