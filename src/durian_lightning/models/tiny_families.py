@@ -76,17 +76,23 @@ def _qwen3_vision(num_layers: int, text_hidden: int, patch_size: int = 16) -> di
                 deepstack_visual_indexes=[0])
 
 
-def _build_qwen3_family(config_class, model_class, text_extra: dict, text_hidden: int, num_layers: int,
-                        vocab_size: int, seed: int, max_pixels: int, head_dim: int = 16):
+def _build_qwen3_family(config_class, model_class, text_hidden: int, num_layers: int, vocab_size: int, seed: int,
+                        max_pixels: int, text_extra: dict | None = None, rope_extra: dict | None = None,
+                        deepstack: bool = True, head_dim: int = 16):
+    """Qwen3-VL's ViT and processor with a Qwen3-style language model (``text_extra`` / ``rope_extra``: the variant's
+    own settings; ``deepstack``: vision features added into early language layers)."""
     from transformers import Qwen3VLProcessor, Qwen3VLVideoProcessor
 
     template = _chat_template(QWEN_VISION_MARKUP)
     tokenizer = _train_tokenizer(vocab_size, template)
-    text = dict(**_text_config(tokenizer, text_hidden, num_layers), head_dim=head_dim,
-                rope_parameters={"rope_type": "default", "mrope_section": _mrope(head_dim), "mrope_interleaved": True},
-                **text_extra)
+    rope = {"rope_type": "default", "mrope_section": _mrope(head_dim), "mrope_interleaved": True, **(rope_extra or {})}
+    text = dict(**_text_config(tokenizer, text_hidden, num_layers), head_dim=head_dim, rope_parameters=rope,
+                **(text_extra or {}))
+    vision = _qwen3_vision(num_layers, text_hidden)
+    if not deepstack:
+        vision.pop("deepstack_visual_indexes")
     config = config_class(
-        text_config=text, vision_config=_qwen3_vision(num_layers, text_hidden),
+        text_config=text, vision_config=vision,
         **_ids(tokenizer, image_token_id="<|image_pad|>", video_token_id="<|video_pad|>",
                vision_start_token_id="<|vision_start|>", vision_end_token_id="<|vision_end|>"),
     )
@@ -101,8 +107,8 @@ def build_tiny_qwen3_vl(text_hidden: int = 64, num_layers: int = 2, vocab_size: 
     """Qwen3-VL: DeepStack (vision features added into early language layers), interleaved M-RoPE."""
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
-    return _build_qwen3_family(Qwen3VLConfig, Qwen3VLForConditionalGeneration, {}, text_hidden, num_layers,
-                               vocab_size, seed, max_pixels)
+    return _build_qwen3_family(Qwen3VLConfig, Qwen3VLForConditionalGeneration, text_hidden, num_layers, vocab_size,
+                               seed, max_pixels)
 
 
 def build_tiny_qwen3_vl_moe(text_hidden: int = 64, num_layers: int = 2, vocab_size: int = 512, seed: int = 0,
@@ -111,34 +117,21 @@ def build_tiny_qwen3_vl_moe(text_hidden: int = 64, num_layers: int = 2, vocab_si
     from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
 
     moe = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1)
-    return _build_qwen3_family(Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration, moe, text_hidden, num_layers,
-                               vocab_size, seed, max_pixels)
+    return _build_qwen3_family(Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration, text_hidden, num_layers,
+                               vocab_size, seed, max_pixels, text_extra=moe)
 
 
 def build_tiny_qwen3_5(text_hidden: int = 64, num_layers: int = 2, vocab_size: int = 512, seed: int = 0,
                        max_pixels: int = 128 * 128):
-    """Qwen3.5: a hybrid language model (gated linear-attention layers beside full attention) with Qwen3-VL's ViT."""
-    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration, Qwen3VLProcessor, Qwen3VLVideoProcessor
+    """Qwen3.5: a hybrid language model (gated linear-attention layers beside full attention) with Qwen3-VL's ViT,
+    without DeepStack."""
+    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
 
-    template = _chat_template(QWEN_VISION_MARKUP)
-    tokenizer = _train_tokenizer(vocab_size, template)
-    head_dim = 16
-    text = dict(**_text_config(tokenizer, text_hidden, num_layers), head_dim=head_dim,
-                layer_types=["linear_attention", "full_attention"][:num_layers] if num_layers == 2 else None,
-                linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
-                rope_parameters={"rope_type": "default", "mrope_section": _mrope(head_dim), "mrope_interleaved": True,
-                                 "partial_rotary_factor": 1.0})
-    vision = _qwen3_vision(num_layers, text_hidden)
-    vision.pop("deepstack_visual_indexes")
-    config = Qwen3_5Config(
-        text_config=text, vision_config=vision,
-        **_ids(tokenizer, image_token_id="<|image_pad|>", video_token_id="<|video_pad|>",
-               vision_start_token_id="<|vision_start|>", vision_end_token_id="<|vision_end|>"),
-    )
-    model = _finish(Qwen3_5ForConditionalGeneration, config, tokenizer, seed)
-    processor = Qwen3VLProcessor(image_processor=_qwen_image_processor(16, max_pixels), tokenizer=tokenizer,
-                                 video_processor=Qwen3VLVideoProcessor(patch_size=16), chat_template=template)
-    return model, processor
+    hybrid = dict(layer_types=["linear_attention", "full_attention"][:num_layers] if num_layers == 2 else None,
+                  linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4)
+    return _build_qwen3_family(Qwen3_5Config, Qwen3_5ForConditionalGeneration, text_hidden, num_layers, vocab_size,
+                               seed, max_pixels, text_extra=hybrid, rope_extra={"partial_rotary_factor": 1.0},
+                               deepstack=False)
 
 
 def build_tiny_gemma3(text_hidden: int = 64, num_layers: int = 2, vocab_size: int = 512, seed: int = 0,
