@@ -23,6 +23,7 @@ from durian_lightning.prompts import build_messages, render_prompt
 from durian_lightning.rollout import SamplingConfig, completion_logprobs, encode_prompts, generate_rollouts
 from durian_lightning.shared_prefill import can_share_prefill
 
+from .test_shared_prefill import _logprobs_and_grads
 from .test_training import _model_cache  # noqa: F401  (the autouse fixture pins the model cache)
 
 SYSTEM = "You are a careful visual reasoner."
@@ -102,13 +103,6 @@ def test_one_finite_visual_entropy_per_image_from_the_familys_own_encoder(family
         assert values[1] == pytest.approx(spectral_entropy(features.float()).item(), rel=1e-6)
     first_block = SpectralEntropyScorer(model, processor, 0, "vision_tower")(flat)
     assert len(first_block) == len(flat) and first_block != pytest.approx(values)
-
-
-def _logprobs_and_grads(model, processor, sampled, rows, share_prefill, features=None):
-    model.zero_grad()
-    logprobs = completion_logprobs(model, processor, sampled, rows, share_prefill=share_prefill, image_features=features)
-    (logprobs * sampled.completion_mask[rows]).sum().backward()
-    return logprobs.detach(), torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
 
 
 def test_fast_paths_are_exact_where_on_and_off_elsewhere(family, caplog):

@@ -38,6 +38,14 @@ def inner_model(model):
     return getattr(base, "model", base)
 
 
+def image_encoder_inputs(inner, pixels, device, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The image processor's outputs that ``inner.get_image_features`` takes (``image_grid_thw``, ``image_sizes``,
+    ``pixel_attention_mask``, ...), on ``device``; floating ones in ``dtype`` when given."""
+    accepted = inspect.signature(inner.get_image_features).parameters
+    return {k: v.to(device, dtype if dtype is not None and v.is_floating_point() else None)
+            for k, v in pixels.items() if k in accepted and isinstance(v, torch.Tensor)}
+
+
 def accepts_precomputed_features(model) -> bool:
     """Whether this transformers model takes ``mm_encoder_outputs`` (transformers 5.18 and later)."""
     inner = inner_model(model)
@@ -130,9 +138,7 @@ class ImageFeatures:
     def _encoder_output(self, images: Sequence[Image.Image]):
         inner = inner_model(self.model)
         pixels = self.processor.image_processor(images=list(images), return_tensors="pt")
-        accepted = inspect.signature(inner.get_image_features).parameters
-        device = next(self.model.parameters()).device
-        kwargs = {k: v.to(device) for k, v in pixels.items() if k in accepted and isinstance(v, torch.Tensor)}
+        kwargs = image_encoder_inputs(inner, pixels, next(self.model.parameters()).device)
         was_training = self.model.training
         self.model.eval()
         try:

@@ -4,7 +4,6 @@ and a model-free pixel-histogram fallback. Each has a ``fingerprint`` naming eve
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 from typing import Literal, Sequence
 
@@ -12,6 +11,7 @@ import torch
 from PIL import Image
 
 from ..difficulty import pixel_entropy, spectral_entropy
+from ..image_features import image_encoder_inputs, inner_model
 
 FeatureSource = Literal["vision_tower", "projector"]
 
@@ -64,9 +64,10 @@ class SpectralEntropyScorer:
     block, i = output of block i, -1 = last block); ``"projector"`` takes what ``get_image_features`` returns (after
     the projector / merger: what the language model sees; ``vision_layer=-1`` only).
 
-    Each image is encoded on its own, so a processor that tiles (InternVL's crops, LLaVA-OneVision's AnyRes views,
-    Idefics3's splits) gives the tiles of that image only: **their patches together are the image's patch set**, one
-    covariance and one entropy per image. Padding patches a processor adds (Gemma 4's, position -1) are left out.
+    A processor that tiles (InternVL's crops, LLaVA-OneVision's AnyRes views, Idefics3's splits) gets one image per
+    encoder call, so the tiles are that image's only: **their patches together are the image's patch set**, one
+    covariance and one entropy per image. Batches share a call where each image's rows are known to be its own
+    (Qwen-VL patch grids, fixed-size images). Padding patches a processor adds (Gemma 4's, position -1) are left out.
     ``image_processor_kwargs`` go to the image processor (e.g. ``size`` or ``max_pixels``) and set the resolution.
     These, the encoder's config and a hash of its weights make up the fingerprint that keys the cache.
     """
@@ -85,7 +86,7 @@ class SpectralEntropyScorer:
             raise ValueError(f"feature_source must be 'vision_tower' or 'projector', got {feature_source!r}")
         if feature_source == "projector" and vision_layer != -1:
             raise ValueError("projector features are the model's own get_image_features output: only vision_layer=-1")
-        self.inner = getattr(model, "model", model)
+        self.inner = inner_model(model)
         encoder = vision_encoder(self.inner)
         model_type = getattr(model.config, "model_type", type(model).__name__)
         if encoder is None or not hasattr(self.inner, "get_image_features"):
@@ -139,9 +140,7 @@ class SpectralEntropyScorer:
         """Each image's ``(patches, d)`` features from one encoder call; ``None`` when the output cannot be cut per
         image (one image always can: all of it is that image's)."""
         inputs = self.image_processor(images, return_tensors="pt", **self.image_processor_kwargs)
-        accepted = inspect.signature(self.inner.get_image_features).parameters
-        kwargs = {k: v.to(self.device, self.dtype if v.is_floating_point() else None) for k, v in inputs.items()
-                  if k in accepted and isinstance(v, torch.Tensor)}
+        kwargs = image_encoder_inputs(self.inner, inputs, self.device, self.dtype)
         captured: list[torch.Tensor] = []
         hook = None
         if self.blocks is not None:
