@@ -853,3 +853,42 @@ def test_gradient_checkpointing_gives_the_same_update(tmp_path):
     b = {k: v for k, v in checkpointed.model.model.state_dict().items() if "lora_" in k}
     for key in a:
         torch.testing.assert_close(a[key], b[key], msg=key)
+
+
+class GradientNormAtEveryStep(L.Callback):
+    """The norm of the gradients the optimizer applies, at every optimizer step (the torch optimizer's step pre-hook:
+    after the fp16 plugin's unscale and the module's clip, which run before the plugin calls the step)."""
+
+    def on_train_start(self, trainer, pl_module):
+        self.norms = []
+
+        def record(*_):
+            grads = [p.grad for p in pl_module.model.parameters() if p.requires_grad]
+            self.norms.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+
+        pl_module.optimizers().optimizer.register_step_pre_hook(record)
+
+
+def test_16_mixed_clips_the_unscaled_gradient(tmp_path):
+    # fp16 autocast scales the loss (x 65,536) in backward; clipping before the unscale would shrink every update to
+    # max_grad_norm / 65,536. The gradient applied must have the clip norm itself, and the logged norm be the real one.
+    # (Lightning turns 16-mixed into bf16-mixed on a CPU, so the fp16 plugin and its scaler are built here by hand)
+    from lightning.pytorch.loggers import CSVLogger
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    from durian_lightning.data import MultimodalReasoningDataModule
+
+    data = MultimodalReasoningDataModule(DATA, model_name_or_path="tiny:llava", cache_dir=str(tmp_path / "entropy"),
+                                         batch_size=2, progress=False)
+    module = DurianGRPO("tiny:llava", rollout=RolloutSettings(num_generations=2, max_new_tokens=6),
+                        reward=RewardSettings(functions=["tests.test_training:length_reward"]),
+                        optimization=OptimizationSettings(max_grad_norm=1e-3))
+    applied = GradientNormAtEveryStep()
+    L.seed_everything(0)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=2, limit_val_batches=0, enable_checkpointing=False,
+                        enable_progress_bar=False, logger=CSVLogger(tmp_path), log_every_n_steps=1, callbacks=[applied],
+                        plugins=[MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu"))])
+    trainer.fit(module, datamodule=data)
+    assert applied.norms and all(norm == pytest.approx(1e-3, rel=1e-3) for norm in applied.norms), applied.norms
+    logged = [float(r["train/grad_norm"]) for r in metrics(trainer) if r.get("train/grad_norm")]
+    assert logged and all(1e-3 < norm < 1e3 for norm in logged), logged  # scaled, it would be ~65,536 x larger

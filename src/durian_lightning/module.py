@@ -111,6 +111,7 @@ class DurianGRPO(L.LightningModule):
         self.buffer = PromptBuffer() if self.optimization.dynamic_sampling else None
         self.last_update: UpdateRecord | None = None  # what the last update saw, for callbacks
         self._phase_seconds: dict[str, float] = {}
+        self._grad_norms: list[float] = []  # the global gradient norm before clipping, per optimizer step of the update
         # accuracy overall and per perceptual group (0 simple .. 2 complex images), for validation and test
         self.eval_metrics = torch.nn.ModuleDict({
             f"{stage}_{name}": torchmetrics.MeanMetric()
@@ -171,7 +172,7 @@ class DurianGRPO(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         opt = self.optimization
         self.last_update = None  # set again only if this step updates the policy
-        self._phase_seconds = {}
+        self._phase_seconds, self._grad_norms = {}, []
         full_batch = getattr(self.trainer.train_dataloader, "batch_size", None) or len(batch["prompt"])
         rollout_batch_size, mini_batch_size = opt.batch_sizes(full_batch)
 
@@ -205,6 +206,7 @@ class DurianGRPO(L.LightningModule):
         lengths = scored.rollout.completion_mask.sum(dim=1).float()
         self.log_dict({  # the names TRL / verl users look for are mapped in the README
             "train/loss": stats.loss, "train/kl": stats.kl,
+            "train/grad_norm": sum(self._grad_norms) / len(self._grad_norms),
             "train/clip_fraction": stats.clip_fraction,
             "train/clip_fraction_low": stats.clip_fraction_low, "train/clip_fraction_high": stats.clip_fraction_high,
             "train/reward": float(scored.rewards.mean()), "train/reward_std": float(scored.rewards.std()),
@@ -286,10 +288,15 @@ class DurianGRPO(L.LightningModule):
     def _optimizer_step(self) -> None:
         optimizer = self.optimizers()
         average_gradients(self._trainable(), self.trainer.world_size)
-        self.clip_gradients(optimizer, gradient_clip_val=self.optimization.max_grad_norm, gradient_clip_algorithm="norm")
-        optimizer.step()
+        optimizer.step()  # clips in on_before_optimizer_step
         self.lr_schedulers().step()
         optimizer.zero_grad()
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Clip here, not before ``optimizer.step()``: under ``16-mixed`` the precision plugin unscales the gradients
+        just before this hook, and clipping them still scaled (x 65,536) would shrink every update to nothing."""
+        norm = torch.nn.utils.clip_grad_norm_(self._trainable(), self.optimization.max_grad_norm)
+        self._grad_norms.append(float(norm))
 
     @contextlib.contextmanager
     def _timed(self, phase: str):
