@@ -93,3 +93,42 @@ def test_training_with_shared_prefill_logs_the_same_steps(tmp_path):
     shared, _ = logged_steps(tmp_path / "shared", "share_prompt_prefill", "true")
     per_row, _ = logged_steps(tmp_path / "per-row", "share_prompt_prefill", "false")
     assert_same_steps(shared, per_row)
+
+
+def test_with_lora_dropout_the_no_grad_passes_are_the_policys_own_and_each_row_draws_its_mask():
+    # LoRA dropout > 0: the old-policy / reference passes must be deterministic (eval mode), and the pass with gradients
+    # must not share a prompt's prefill (one dropout mask for all its G rows) -- it falls back to the full forward
+    from durian_lightning.module import DurianGRPO
+    from durian_lightning.scoring import ScoredRollouts
+    from durian_lightning.settings import LoraSettings, LossSettings
+
+    _, _, rollout = _rollout("tiny:llava")
+    module = DurianGRPO("tiny:llava", lora=LoraSettings(dropout=0.5), loss=LossSettings(preset="grpo", kl_coef=0.1))
+    module.configure_model()
+    model, processor = module.model, module.processor
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:  # a moved adapter, so its dropout changes the log-probs
+            torch.nn.init.normal_(parameter, std=0.05)
+    n = len(rollout)
+    scored = ScoredRollouts(rollout, 3, ["a", "b"], ["p", "q"], ["x", "y"], torch.zeros(2), torch.zeros(2),
+                            torch.zeros(n), {})
+    model.train()
+    passes = [module._logprob_passes(scored, old=True) for _ in range(2)]
+    assert model.training  # the passes put every module back in its mode
+    model.eval()
+    with torch.no_grad():
+        policy = completion_logprobs(model, processor, rollout, range(n), share_prefill=False)
+        with model.disable_adapter():
+            reference = completion_logprobs(model, processor, rollout, range(n), share_prefill=False)
+    for computed in passes:
+        torch.testing.assert_close(computed.old_logprobs, policy, rtol=0, atol=1e-6)
+        torch.testing.assert_close(computed.ref_logprobs, reference, rtol=0, atol=1e-6)
+    assert can_share_prefill(model)  # in eval mode the prefill is shared
+    model.train()
+    assert not can_share_prefill(model)
+    torch.manual_seed(1)
+    with_grad = module.policy_logprobs(rollout, torch.arange(n))
+    torch.manual_seed(1)
+    full = completion_logprobs(model, processor, rollout, range(n), share_prefill=False)
+    torch.testing.assert_close(with_grad, full, rtol=0, atol=0)
+    assert not torch.allclose(with_grad * rollout.completion_mask, policy * rollout.completion_mask)  # dropout is on

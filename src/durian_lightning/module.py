@@ -43,7 +43,7 @@ from .image_features import ImageFeatures
 from .models.families import explain_fast_path_off, fast_path_verified
 from .models.loading import load_policy
 from .models.reference import ReferencePolicy
-from .rollout import completion_logprobs, generate_rollouts
+from .rollout import completion_logprobs, evaluation_mode, generate_rollouts
 from .scoring import ScoredRollouts, score_rollouts
 from .settings import (
     EvaluationSettings,
@@ -259,7 +259,7 @@ class DurianGRPO(L.LightningModule):
 
         if not len(rows):
             return scored
-        with torch.no_grad():
+        with torch.no_grad(), evaluation_mode(self.model):  # no dropout: these are the policies' own log-probs
             if old:
                 with self._timed("old_logprobs"):
                     scored = dataclasses.replace(scored, old_logprobs=run(self.policy_logprobs))

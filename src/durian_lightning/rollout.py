@@ -222,6 +222,19 @@ def generate_rollouts(
     return parts[0] if len(parts) == 1 else Rollout.concat(parts)
 
 
+@contextlib.contextmanager
+def evaluation_mode(model):
+    """Every module in eval mode (no dropout: rollouts and the no-grad log-prob passes are those of the policy
+    itself), each put back in its own mode after (the frozen vision tower stays in eval mode while training)."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
 def _generate(model, processor, rows_prompts, rows_images, sampling: SamplingConfig, max_prompt_length, rows_ids,
               image_features: ImageFeatures | None) -> Rollout:
     """One batched ``generate`` call over these rows."""
@@ -236,13 +249,8 @@ def _generate(model, processor, rows_prompts, rows_images, sampling: SamplingCon
                   pad_token_id=processor.tokenizer.pad_token_id, logits_processor=[recorder])
     if sampling.do_sample:
         kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
-    was_training = model.training
-    model.eval()
-    try:
-        with _neutral_generation_config(model):
-            output = model.generate(**inputs, **kwargs)
-    finally:
-        model.train(was_training)
+    with evaluation_mode(model), _neutral_generation_config(model):
+        output = model.generate(**inputs, **kwargs)
     completion_ids = output[:, encoded["input_ids"].shape[1] :]
     mask = completion_mask_after_eos(completion_ids, eos_ids)
     sampled_logprobs = recorder.finish(completion_ids) * mask

@@ -9,8 +9,9 @@ every row. The logits are those of the full forward over ``prompt + completion``
 
 Used only where it is the same computation: families the conformance suite shows exact
 (:mod:`durian_lightning.models.families`; others, e.g. Gemma 4's image-token attention layout or Qwen3.5's
-recurrent layers, may treat a split sequence differently), and not with gradient checkpointing, under which
-transformers drops the cache while training.
+recurrent layers, may treat a split sequence differently), not with gradient checkpointing, under which
+transformers drops the cache while training, and not while a dropout is active (LoRA dropout > 0 in the pass with
+gradients: each row must draw its own mask).
 """
 
 from __future__ import annotations
@@ -25,9 +26,24 @@ from .models.families import fast_path_verified
 
 
 def can_share_prefill(model) -> bool:
-    """The family is verified and a cache will be kept (no gradient checkpointing)."""
-    return fast_path_verified(model, "share_prompt_prefill") and not any(
+    """The family is verified, a cache will be kept (no gradient checkpointing) and the forward is deterministic."""
+    return fast_path_verified(model, "share_prompt_prefill") and not has_active_dropout(model) and not any(
         getattr(m, "gradient_checkpointing", False) for m in model.modules())
+
+
+def has_active_dropout(model) -> bool:
+    """A dropout that is on: a ``Dropout`` module with p > 0 in train mode (LoRA's ``lora_dropout``, a base model's
+    hidden dropout) or an attention layer in train mode with ``attention_dropout`` > 0. A shared prefill would then
+    give the G rows of a prompt one dropout mask on the prompt instead of one each."""
+    for module in model.modules():
+        if not module.training:
+            continue
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd) and module.p > 0:
+            return True
+        rate = getattr(module, "attention_dropout", 0.0)
+        if isinstance(rate, float) and rate > 0:
+            return True
+    return False
 
 
 def distinct_prompts(prompts: Sequence[str], images: Sequence[Sequence[object]]) -> tuple[list[int], list[int]]:
