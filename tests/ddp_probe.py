@@ -87,3 +87,15 @@ class SigtermAtStep(L.Callback):
         if trainer.global_step == self.step and not getattr(self, "sent", False):
             self.sent = True
             os.kill(os.getpid(), getattr(signal, self.signal_name))
+
+
+class RecordCheckpoints(L.Callback):
+    """Appends the optimizer step and update count of every checkpoint written to ``folder/checkpoints.jsonl``."""
+
+    def __init__(self, folder: str):
+        self.folder = Path(folder)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with open(self.folder / "checkpoints.jsonl", "a") as f:
+            f.write(json.dumps({"step": trainer.global_step, "updates": pl_module.updates}) + "\n")

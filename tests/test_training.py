@@ -1,6 +1,7 @@
 """The training module end to end on tiny VLMs: CLI fit/validate, what changes, step counts, callbacks, bad config."""
 
 import csv
+import json
 import math
 from pathlib import Path
 
@@ -151,6 +152,19 @@ def test_checkpoints_every_n_steps_keep_the_latest_and_last(tmp_path):
     assert off.trainer.checkpoint_callback is None
 
 
+def test_checkpoints_count_updates_not_optimizer_steps(tmp_path):
+    # ppo_epochs 2: two optimizer steps per update, so 8 steps are 4 updates and "every 2" means steps 4 and 8
+    cli = run_cli(["fit", *fit_args(tmp_path, "tiny:llava", "--trainer.limit_val_batches", "0", "--trainer.max_steps", "8",
+                                    "--model.optimization.ppo_epochs", "2", "--checkpoint_every_n_steps", "2",
+                                    "--trainer.callbacks+=tests.ddp_probe.RecordCheckpoints",
+                                    f"--trainer.callbacks.folder={tmp_path}")])
+    saved = [json.loads(line) for line in (tmp_path / "checkpoints.jsonl").read_text().splitlines()]
+    assert {(s["step"], s["updates"]) for s in saved} == {(4, 2), (8, 4)}, saved
+    last = torch.load(Path(cli.trainer.checkpoint_callback.dirpath) / "last.ckpt", map_location="cpu", weights_only=False)
+    assert (last["global_step"], last["durian_updates"]) == (8, 4)
+    assert "trained for 4 updates (8 optimizer steps)" in (Path(cli.trainer.log_dir) / "adapter" / "README.md").read_text()
+
+
 def test_a_full_disk_while_checkpointing_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
     import errno
 
@@ -174,14 +188,22 @@ def test_a_full_disk_while_checkpointing_leaves_the_previous_checkpoint_whole(tm
         assert torch.load(path, map_location="cpu", weights_only=False)["global_step"] == 1
 
 
-def test_a_run_does_not_warn_about_the_projects_own_choices(tmp_path):
+def test_a_run_does_not_warn_about_the_projects_own_choices(tmp_path, capfd, caplog):
     import warnings
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        run_cli(["fit", *fit_args(tmp_path, "tiny:llava", "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0")])
-    messages = [str(w.message) for w in caught]
-    assert not [m for m in messages if "in eval mode" in m or "is_gradient_checkpointing" in m], messages
+    # checkpoints at every update, by the default's own setting and by a ModelCheckpoint of the user's
+    for name, extra in (("ours", []), ("own", ["--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+                                               "--trainer.callbacks.every_n_train_steps=1"])):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            run_cli(["fit", *fit_args(tmp_path / name, "tiny:llava", "--trainer.max_steps", "3",
+                                      "--trainer.limit_val_batches", "0", "--checkpoint_every_n_steps", "1", *extra)])
+        messages = [str(w.message) for w in caught]
+        assert not [m for m in messages if "in eval mode" in m or "is_gradient_checkpointing" in m
+                    or "manual optimization" in m], messages
+    out = "".join(capfd.readouterr()) + caplog.text
+    assert "manual optimization" not in out
+    assert out.count("checkpoints hold the state after the last completed update") == 1  # said once, by our checkpoint
 
 
 class SnapshotAtTrainStart(L.Callback):

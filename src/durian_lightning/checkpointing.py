@@ -1,10 +1,13 @@
-"""What a checkpoint of the training module holds: the trainable weights only, and the sampling RNG."""
+"""What a checkpoint of the training module holds (the trainable weights only, the sampling RNG, the update count),
+and when one is written (every N updates)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_info
 
 from ._distributed import all_gather_records
 
@@ -38,3 +41,36 @@ def restore_rng_state(saved: list[dict[str, Any]] | dict[str, Any] | None, rank:
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+CHECKPOINT_CONTENTS = (
+    "checkpoints hold the state after the last completed update: the trainable weights (the LoRA adapter, not the "
+    "frozen base model), the optimizer and learning-rate schedule, every rank's sampling generator and the data "
+    "position; --ckpt_path <file> resumes there"
+)
+
+
+class UpdateCheckpoint(ModelCheckpoint):
+    """A checkpoint every ``every_n_updates`` updates (rollout batches trained on), plus ``last.ckpt``.
+
+    Lightning's ``every_n_train_steps`` counts optimizer steps, and an update takes several (``ppo_epochs`` x
+    mini-batches), while a step that only buffers prompts (dynamic sampling) takes none. Writing after the update, at
+    the batch's end, the checkpoint holds the whole update (:data:`CHECKPOINT_CONTENTS`)."""
+
+    def __init__(self, every_n_updates: int, **kwargs):
+        if every_n_updates < 1:
+            raise ValueError(f"every_n_updates must be >= 1, got {every_n_updates}")
+        super().__init__(save_last=True, **kwargs)
+        self.every_n_updates = every_n_updates
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        rank_zero_info(f"A checkpoint every {self.every_n_updates} update(s) and last.ckpt: {CHECKPOINT_CONTENTS}.")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if getattr(pl_module, "last_update", None) is None or pl_module.updates % self.every_n_updates:
+            return
+        if self._should_skip_saving_checkpoint(trainer):
+            return
+        candidates = self._monitor_candidates(trainer)
+        self._save_topk_checkpoint(trainer, candidates)
+        self._save_last_checkpoint(trainer, candidates)

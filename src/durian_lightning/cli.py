@@ -25,6 +25,7 @@ from .callbacks import (
     EvaluationCompletionsCallback,
     PreemptionCheckpoint,
 )
+from .checkpointing import UpdateCheckpoint
 from .data import MultimodalReasoningDataModule
 from .module import DurianGRPO
 from .settings import LossSettings
@@ -77,8 +78,9 @@ class DurianCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.model_name_or_path", "data.model_name_or_path")
         parser.add_argument("--checkpoint_every_n_steps", type=int, default=0,
-                            help="fit only: a checkpoint every N optimizer steps (the latest kept, plus last.ckpt for "
-                                 "--ckpt_path), so a crash loses at most N steps; 0 = Lightning's default (each epoch "
+                            help="fit only: a checkpoint every N updates (rollout batches trained on, whatever their "
+                                 "optimizer steps; the latest kept, plus last.ckpt for --ckpt_path), so a crash loses "
+                                 "at most N updates; 0 = Lightning's default (each epoch "
                                  "end). A ModelCheckpoint of your own in trainer.callbacks takes precedence")
         parser.add_argument("--predictions_path", type=Optional[str], default=None,
                             help="predict only: the JSONL file predictions go to (default: the run's folder / "
@@ -117,7 +119,7 @@ class DurianCLI(LightningCLI):
             raise ValueError(f"checkpoint_every_n_steps must be >= 0 (0 = each epoch end), got {every}")
         callbacks = list(config.get("callbacks") or [])
         if every and config.get("enable_checkpointing") is not False and not any(isinstance(c, ModelCheckpoint) for c in callbacks):
-            kwargs.setdefault("callbacks", [*callbacks, ModelCheckpoint(every_n_train_steps=every, save_last=True)])
+            kwargs.setdefault("callbacks", [*callbacks, UpdateCheckpoint(every)])
         return super().instantiate_trainer(**kwargs)
 
 
@@ -145,6 +147,9 @@ def _preset_sets_its_own_values(args: list[str]) -> list[str]:
 QUIET_WARNINGS = (
     r"Found \d+ module\(s\) in eval mode",  # the frozen vision tower and projector stay in eval mode on purpose
     r"`is_gradient_checkpointing` is deprecated",  # peft asks transformers this while wrapping the model for LoRA
+    # a ModelCheckpoint(every_n_train_steps) of the user's own under manual optimization, at every save: its checkpoint
+    # holds the state after the optimizer step, which is what resuming needs (checkpointing.CHECKPOINT_CONTENTS)
+    r"Using ModelCheckpoint with manual optimization and every_n_train_steps",
 )
 
 

@@ -110,6 +110,7 @@ class DurianGRPO(L.LightningModule):
         self.image_features: ImageFeatures | None = None  # each image encoded once per step, built with the model
         self.buffer = PromptBuffer() if self.optimization.dynamic_sampling else None
         self.last_update: UpdateRecord | None = None  # what the last update saw, for callbacks
+        self.updates = 0  # rollout batches trained on (each takes ppo_epochs x mini-batches optimizer steps)
         self._phase_seconds: dict[str, float] = {}
         self._grad_norms: list[float] = []  # the global gradient norm before clipping, per optimizer step of the update
         # accuracy overall and per perceptual group (0 simple .. 2 complex images), for validation and test
@@ -202,6 +203,7 @@ class DurianGRPO(L.LightningModule):
             stats = ppo_update(update, partial(self.policy_logprobs, scored.rollout), self.loss_config, mini_batch_size,
                                opt.micro_batch_size, opt.ppo_epochs, self._backward, self._optimizer_step,
                                partial(mean_over_ranks, world=self.trainer.world_size, device=self.device))
+        self.updates += 1
 
         lengths = scored.rollout.completion_mask.sum(dim=1).float()
         self.log_dict({  # the names TRL / verl users look for are mapped in the README
@@ -382,6 +384,7 @@ class DurianGRPO(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["state_dict"] = trainable_state(checkpoint["state_dict"], self.model)
         checkpoint["durian_rng"] = rng_states(self._trainer)
+        checkpoint["durian_updates"] = self.updates
 
     def on_fit_start(self) -> None:
         if self.trainer.ckpt_path is None:  # a resumed run continues each rank's restored stream
@@ -389,6 +392,7 @@ class DurianGRPO(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         restore_rng_state(checkpoint.get("durian_rng"), self.global_rank)
+        self.updates = checkpoint.get("durian_updates", checkpoint.get("global_step", 0))  # older ones: 1 step per update
 
     def on_fit_end(self) -> None:
         self.save_adapter()
@@ -426,7 +430,7 @@ class DurianGRPO(L.LightningModule):
             + (", dynamic sampling" if self.optimization.dynamic_sampling else ""),
             f"- G = {rollout.num_generations}, max_new_tokens {rollout.max_new_tokens}, temperature {rollout.temperature}, "
             f"learning rate {self.optimization.learning_rate}, LoRA r {self.lora.r} / alpha {self.lora.alpha} on `{self.lora.target_modules}`",
-            f"- trained for {self.trainer.global_step} update{'s' * (self.trainer.global_step != 1)}",
+            f"- trained for {self.updates} update{'s' * (self.updates != 1)} ({self.trainer.global_step} optimizer steps)",
             f"- the full configuration: `{Path(run_dir).resolve() / 'config.yaml'}` (rerun with `durian fit --config` on it)",
             "",
             "Load it:",
