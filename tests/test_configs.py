@@ -95,3 +95,14 @@ def test_metrics_csv_is_written_whatever_logger_packages_are_installed(tmp_path)
     has_tensorboard = any(importlib.util.find_spec(n) for n in ("tensorboard", "tensorboardX"))
     assert [type(x).__name__ for x in loggers[1:]] == (["TensorBoardLogger"] if has_tensorboard else [])
     assert all(x.version == loggers[0].version for x in loggers)
+
+
+def test_the_entropy_precompute_runs_the_encoder_in_the_models_dtype(tmp_path):
+    from durian_lightning.cli import DurianCLI
+    from durian_lightning.data import MultimodalReasoningDataModule
+    from durian_lightning.module import DurianGRPO
+
+    cli = DurianCLI(DurianGRPO, MultimodalReasoningDataModule, run=False, save_config_callback=None,
+                    args=["--model.dtype", "bfloat16", "--data.entropy_method", "pixel",
+                          f"--trainer.default_root_dir={tmp_path}"])
+    assert cli.datamodule.hparams.dtype == "bfloat16"

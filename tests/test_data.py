@@ -5,7 +5,9 @@ import io
 import json
 import math
 import multiprocessing as mp
+import shutil
 import time
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from durian_lightning.data import EntropyCache, MultimodalReasoningDataModule, build_messages
+from durian_lightning.data import EntropyCache, MultimodalReasoningDataModule, PixelEntropyScorer, build_messages
 from durian_lightning.data.synthetic import generate
 from durian_lightning.difficulty import pixel_entropy
 
@@ -174,62 +176,109 @@ def test_splits_carved_from_train_with_a_seed(tmp_path):
 def test_spectral_cache_hit_invalidation_and_encoder_change(tmp_path, tiny_vlm_path):
     source = small_folder(tmp_path / "d")
     cache = tmp_path / "cache"
-    cold = datamodule(source, cache, entropy_method="spectral", model_name_or_path=tiny_vlm_path, entropy_batch_size=4)
+    spectral = dict(entropy_method="spectral", model_name_or_path=tiny_vlm_path)
+    cold = datamodule(source, cache, entropy_batch_size=4, **spectral)
     cold.setup()
-    assert cold.scorer().images_scored == 6  # 6 distinct images; val repeats two of them
-    warm = datamodule(source, cache, entropy_method="spectral", model_name_or_path=tiny_vlm_path)
+    assert (cold.images_scored, cold.encoder_calls, cold.scorer_loads) == (6, 2, 1)  # 6 distinct images; val repeats two
+    warm = datamodule(source, cache, **spectral)
     warm.setup()
-    assert warm.scorer().calls == 0
+    assert warm.scorer_loads == 0  # a complete cache needs no model
     assert [s.visual_entropy for s in warm.samples["train"]] == [s.visual_entropy for s in cold.samples["train"]]
     # the values are the spectral entropy of the encoder's patch features
-    features, _ = cold.scorer().features([Image.open(source / "0.png").convert("RGB")])
+    features, _ = cold.build_scorer().features([Image.open(source / "0.png").convert("RGB")])
     from durian_lightning.difficulty import spectral_entropy
 
     assert warm.samples["train"][0].visual_entropy == pytest.approx(spectral_entropy(features[0]).item())
 
     png(source / "2.png", seed=99)  # new bytes for one image
-    changed = datamodule(source, cache, entropy_method="spectral", model_name_or_path=tiny_vlm_path)
+    changed = datamodule(source, cache, **spectral)
     changed.setup()
-    assert changed.scorer().images_scored == 1
+    assert changed.images_scored == 1
     assert changed.samples["train"][2].visual_entropy != cold.samples["train"][2].visual_entropy
 
-    other_layer = datamodule(source, cache, entropy_method="spectral", model_name_or_path=tiny_vlm_path, vision_layer=1)
-    other_layer.setup()
-    assert other_layer.scorer().images_scored == 6
+    # everything else that changes what the encoder sees, or how it computes, recomputes every image
+    for setting in ({"vision_layer": 1}, {"max_image_side": 40}, {"dtype": "bfloat16"},
+                    {"image_processor_kwargs": {"do_normalize": False}}):
+        other = datamodule(source, cache, **spectral, **setting)
+        other.setup()
+        assert other.images_scored == 6, setting
+    pixel = [datamodule(source, cache, max_image_side=side) for side in (2048, 40)]
+    for dm in pixel:
+        dm.setup()
+    assert [dm.images_scored for dm in pixel] == [6, 6]
 
+
+def test_changed_weight_files_recompute_even_in_the_same_folder(tmp_path, tiny_vlm_path):
     from durian_lightning.models import tiny_llava_path
 
+    source = small_folder(tmp_path / "d")
+    model = tmp_path / "model"
+    shutil.copytree(tiny_vlm_path, model)
+    first = datamodule(source, tmp_path / "cache", entropy_method="spectral", model_name_or_path=str(model))
+    first.setup()
+    assert first.images_scored == 6 and (tmp_path / "cache" / "model-file-hashes.json").is_file()
     other_weights = tiny_llava_path(tmp_path / "other-model", seed=1)
-    other = datamodule(source, cache, entropy_method="spectral", model_name_or_path=str(other_weights))
-    other.setup()
-    assert other.scorer().images_scored == 6
+    shutil.copy(other_weights / "model.safetensors", model / "model.safetensors")  # a fine-tuned encoder, same place
+    second = datamodule(source, tmp_path / "cache", entropy_method="spectral", model_name_or_path=str(model))
+    second.setup()
+    assert second.images_scored == 6
+    assert [s.visual_entropy for s in second.samples["train"]] != [s.visual_entropy for s in first.samples["train"]]
+
+
+def test_the_scorer_loads_the_image_path_in_the_runs_dtype_and_is_freed_after_the_precompute(
+        tmp_path, tiny_vlm_path, monkeypatch):
+    from durian_lightning.data import datamodule as datamodule_module
+
+    loaded = []
+    real = datamodule_module.load_image_encoder
+
+    def recording(*args, **kwargs):
+        model = real(*args, **kwargs)
+        loaded.append((weakref.ref(model), {p.dtype for p in model.parameters()}, [n for n, _ in model.named_parameters()]))
+        return model
+
+    monkeypatch.setattr(datamodule_module, "load_image_encoder", recording)
+    source = small_folder(tmp_path / "d")
+    dm = datamodule(source, tmp_path / "cache", entropy_method="spectral", model_name_or_path=tiny_vlm_path,
+                    dtype="bfloat16")
+    dm.setup()
+    (model, dtypes, names), = loaded
+    assert model() is None  # nothing keeps the encoder once the entropies are cached
+    assert dtypes == {torch.bfloat16}
+    assert names and not [n for n in names if "language_model" in n or "lm_head" in n]
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a complete cache loaded a model")
+
+    monkeypatch.setattr(datamodule_module, "load_image_encoder", no_model)
+    warm = datamodule(source, tmp_path / "cache", entropy_method="spectral", model_name_or_path=tiny_vlm_path,
+                      dtype="bfloat16")
+    warm.setup()
+    assert [s.visual_entropy for s in warm.samples["train"]] == [s.visual_entropy for s in dm.samples["train"]]
 
 
 class Interrupt(Exception):
     pass
 
 
-def test_an_interrupted_precompute_resumes_where_it_stopped(tmp_path):
+def test_an_interrupted_precompute_resumes_where_it_stopped(tmp_path, monkeypatch):
     source = small_folder(tmp_path / "d", n=10)
     dm = datamodule(source, tmp_path / "cache", entropy_batch_size=3)
-    scorer = dm.scorer()
-    original = scorer.__class__.__call__
+    original = PixelEntropyScorer.__call__
 
     def dies_on_third_batch(self, images):
-        if self.calls == 2:
+        if dm.encoder_calls == 2:
             raise Interrupt
         return original(self, images)
 
-    scorer.__class__.__call__ = dies_on_third_batch
-    try:
+    with monkeypatch.context() as patch:
+        patch.setattr(PixelEntropyScorer, "__call__", dies_on_third_batch)
         with pytest.raises(Interrupt):
             dm.setup()
-    finally:
-        scorer.__class__.__call__ = original
     assert not list((tmp_path / "cache").rglob(".tmp-*"))  # no half-written file left
     resumed = datamodule(source, tmp_path / "cache", entropy_batch_size=3)
     resumed.setup()
-    assert resumed.scorer().images_scored == 10 - 6  # two batches of 3 were kept
+    assert resumed.images_scored == 10 - 6  # two batches of 3 were kept
     fresh = datamodule(source, tmp_path / "fresh", entropy_batch_size=3)
     fresh.setup()
     assert [s.visual_entropy for s in resumed.samples["train"]] == [s.visual_entropy for s in fresh.samples["train"]]
@@ -286,7 +335,7 @@ def _rank_entropies(args):
     source, cache, model = args
     dm = MultimodalReasoningDataModule(source, model_name_or_path=model, cache_dir=cache, progress=False, entropy_batch_size=2)
     dm.setup()
-    return [s.visual_entropy for s in dm.samples["train"]], dm.scorer().images_scored
+    return [s.visual_entropy for s in dm.samples["train"]], dm.images_scored
 
 
 def test_two_ranks_precomputing_at_once_get_identical_entropies_computed_once(tmp_path, tiny_vlm_path):
@@ -294,7 +343,7 @@ def test_two_ranks_precomputing_at_once_get_identical_entropies_computed_once(tm
     cache = str(tmp_path / "cache")
     probe = MultimodalReasoningDataModule(source, model_name_or_path=tiny_vlm_path, cache_dir=cache, progress=False)
     with mp.get_context("spawn").Pool(2) as pool:
-        with EntropyCache(cache, probe.scorer().fingerprint).lock():  # both start while a third process holds it
+        with EntropyCache(cache, probe.entropy_fingerprint()).lock():  # both start while a third process holds it
             pending = pool.map_async(_rank_entropies, [(source, cache, tiny_vlm_path)] * 2)
             time.sleep(2)
         (rank0, scored0), (rank1, scored1) = pending.get()
@@ -302,7 +351,7 @@ def test_two_ranks_precomputing_at_once_get_identical_entropies_computed_once(tm
     assert scored0 + scored1 == 6  # the 6 distinct images, once: the second process found the first one's values
     after = MultimodalReasoningDataModule(source, model_name_or_path=tiny_vlm_path, cache_dir=cache, progress=False)
     after.setup()
-    assert after.scorer().calls == 0
+    assert after.scorer_loads == 0
     assert [s.visual_entropy for s in after.samples["train"]] == rank0
 
 
@@ -358,7 +407,7 @@ def test_skip_policy_counts_names_and_keeps_bad_rows_out_of_the_cache(tmp_path):
         dm.setup()
     assert [s.id for s in dm.samples["train"]] == ["train-1"]
     assert len(dm.skipped_rows) == 4 and "row 4" in dm.skipped_rows[2]
-    cached = EntropyCache(tmp_path / "c", dm.scorer().fingerprint).load()
+    cached = EntropyCache(tmp_path / "c", dm.entropy_fingerprint()).load()
     assert list(cached) == dm.samples["train"][0].image_hashes
 
 

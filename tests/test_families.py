@@ -18,6 +18,7 @@ from durian_lightning.data import SpectralEntropyScorer
 from durian_lightning.difficulty import spectral_entropy
 from durian_lightning.image_features import ImageFeatures
 from durian_lightning.models import load_policy, resolve_model_path
+from durian_lightning.models.loading import load_image_encoder
 from durian_lightning.models.families import FAMILIES
 from durian_lightning.prompts import build_messages, render_prompt
 from durian_lightning.rollout import SamplingConfig, completion_logprobs, encode_prompts, generate_rollouts
@@ -103,6 +104,17 @@ def test_one_finite_visual_entropy_per_image_from_the_familys_own_encoder(family
         assert values[1] == pytest.approx(spectral_entropy(features.float()).item(), rel=1e-6)
     first_block = SpectralEntropyScorer(model, processor, 0, "vision_tower")(flat)
     assert len(first_block) == len(flat) and first_block != pytest.approx(values)
+
+
+def test_the_scorer_needs_only_the_image_path_and_gets_the_full_models_entropies(family):
+    model, processor = load(family, use_lora=False)
+    lean = load_image_encoder(resolve_model_path(f"tiny:{family.model_type}"))
+    names = [name for name, _ in lean.named_parameters()]
+    assert names and not [name for name in names if LANGUAGE_MODEL.match(name) or name.startswith("lm_head")]
+    flat = [image for row in images() for image in row]
+    for feature_source, layer in (("vision_tower", -1), ("vision_tower", 1), ("projector", -1)):
+        full = SpectralEntropyScorer(model, processor, layer, feature_source)(flat)
+        assert SpectralEntropyScorer(lean, processor, layer, feature_source)(flat) == full
 
 
 def test_fast_paths_are_exact_where_on_and_off_elsewhere(family, caplog):

@@ -77,6 +77,7 @@ def check_checkpoint(path) -> None:
 class DurianCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.model_name_or_path", "data.model_name_or_path")
+        parser.link_arguments("model.dtype", "data.dtype")  # the entropy precompute runs the encoder as training does
         parser.add_argument("--checkpoint_every_n_steps", type=int, default=0,
                             help="fit only: a checkpoint every N updates (rollout batches trained on, whatever their "
                                  "optimizer steps; the latest kept, plus last.ckpt for --ckpt_path), so a crash loses "

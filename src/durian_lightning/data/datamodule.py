@@ -21,13 +21,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..difficulty import percentile_thresholds
-from ..models.loading import resolve_model_path
+from ..models.loading import DTYPES, load_image_encoder, resolve_model_path
 from ..prompts import DEFAULT_INSTRUCTION, DEFAULT_SYSTEM_PROMPT, build_messages, render_prompt
 from .entropy_cache import EntropyCache
 from .images import ImageError, content_hash, image_bytes, open_image
+from .model_files import model_file_hashes
 from .resumable import ResumableDataLoader
 from .sources import UNREADABLE, RawSplit, check_columns, load_source
-from .visual_entropy import PixelEntropyScorer, SpectralEntropyScorer
+from .visual_entropy import PixelEntropyScorer, SpectralEntropyScorer, entropy_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,9 @@ class MultimodalReasoningDataModule(L.LightningDataModule):
         feature_source: vision_tower (before any projector / patch merger) or projector (after it).
         image_processor_kwargs: passed to the image processor, e.g. {"max_pixels": 1003520}; sets the resolution.
         entropy_batch_size: images per encoder call during the precompute.
-        cache_dir: where entropies are cached (keyed by image content and scorer fingerprint).
+        dtype: the encoder's dtype while scoring (the CLI sets it to model.dtype, the run's).
+        cache_dir: where entropies are cached (keyed by image content and by everything else the value depends on:
+            the model files' hashes, layer, feature source, image processor, dtype, max_image_side).
         bad_rows: raise stops at the first bad row; skip drops it, counts it and warns with its name.
         max_image_side: images are shrunk so their longer side is at most this before any processing.
         batch_size: prompts per training batch (the rollout batch).
@@ -130,6 +133,7 @@ class MultimodalReasoningDataModule(L.LightningDataModule):
         feature_source: Literal["vision_tower", "projector"] = "vision_tower",
         image_processor_kwargs: dict[str, Any] | None = None,
         entropy_batch_size: int = 32,
+        dtype: Literal["float32", "bfloat16", "float16"] = "float32",
         cache_dir: str = ".cache/durian/entropy",
         bad_rows: Literal["raise", "skip"] = "raise",
         max_image_side: int = 2048,
@@ -144,6 +148,8 @@ class MultimodalReasoningDataModule(L.LightningDataModule):
             raise ValueError(f"entropy_method must be 'spectral' or 'pixel', got {entropy_method!r}")
         if entropy_method == "spectral" and not model_name_or_path:
             raise ValueError("entropy_method='spectral' needs model_name_or_path (the VLM whose encoder scores images)")
+        if dtype not in DTYPES:
+            raise ValueError(f"data.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         if bad_rows not in ("raise", "skip"):
             raise ValueError(f"bad_rows must be 'raise' or 'skip', got {bad_rows!r}")
         for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
@@ -159,8 +165,8 @@ class MultimodalReasoningDataModule(L.LightningDataModule):
         self.columns = dict(columns or {})
         self.samples: dict[str, list[Sample]] = {}
         self.skipped_rows: list[str] = []
-        self._scorer = None
         self._processor = None
+        self.scorer_loads = self.encoder_calls = self.images_scored = 0  # what the precompute cost: 0 on a warm cache
 
     # ------------------------------------------------------------------------------------------ loading
 
@@ -246,24 +252,38 @@ class MultimodalReasoningDataModule(L.LightningDataModule):
             return trainer.strategy.root_device
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-    def scorer(self):
-        """The visual-entropy scorer (built once; loads the VLM for the spectral method)."""
-        if self._scorer is None:
-            if self.hparams.entropy_method == "pixel":
-                self._scorer = PixelEntropyScorer()
-            else:
-                from transformers import AutoModelForImageTextToText
+    def entropy_fingerprint(self) -> str:
+        """The entropy cache's key besides the image bytes (:func:`.visual_entropy.entropy_fingerprint`); needs the
+        model's files and processor, not the model."""
+        hp = self.hparams
+        if hp.entropy_method == "pixel":
+            return entropy_fingerprint("pixel", max_image_side=hp.max_image_side)
+        return entropy_fingerprint(
+            "spectral",
+            model_files=model_file_hashes(self.model_name_or_path, Path(hp.cache_dir) / "model-file-hashes.json"),
+            vision_layer=hp.vision_layer,
+            feature_source=hp.feature_source,
+            image_processor=self.processor().image_processor.to_dict(),
+            image_processor_kwargs=hp.image_processor_kwargs or {},
+            dtype=hp.dtype,
+            max_image_side=hp.max_image_side,
+        )
 
-                model = AutoModelForImageTextToText.from_pretrained(self.model_name_or_path, dtype=torch.float32)
-                self._scorer = SpectralEntropyScorer(
-                    model,
-                    self.processor(),
-                    vision_layer=self.hparams.vision_layer,
-                    feature_source=self.hparams.feature_source,
-                    image_processor_kwargs=self.hparams.image_processor_kwargs,
-                    device=self._device(),
-                )
-        return self._scorer
+    def build_scorer(self):
+        """A visual-entropy scorer; the spectral one loads the VLM's image path only, in ``dtype``, on the device."""
+        if self.hparams.entropy_method == "pixel":
+            return PixelEntropyScorer()
+        self.scorer_loads += 1
+        dtype = DTYPES[self.hparams.dtype]
+        return SpectralEntropyScorer(
+            load_image_encoder(self.model_name_or_path, dtype),
+            self.processor(),
+            vision_layer=self.hparams.vision_layer,
+            feature_source=self.hparams.feature_source,
+            image_processor_kwargs=self.hparams.image_processor_kwargs,
+            device=self._device(),
+            dtype=dtype,
+        )
 
     def processor(self):
         if self._processor is None and self.model_name_or_path:
@@ -274,8 +294,7 @@ class MultimodalReasoningDataModule(L.LightningDataModule):
 
     def compute_visual_entropy(self, samples: dict[str, list[Sample]]) -> None:
         """Fill ``visual_entropy`` of every sample from the cache, computing (and caching) only what is missing."""
-        scorer = self.scorer()
-        cache = EntropyCache(self.hparams.cache_dir, scorer.fingerprint)
+        cache = EntropyCache(self.hparams.cache_dir, self.entropy_fingerprint())
         known = cache.load()
         todo: dict[str, tuple[Sample, int]] = {}
         for split_samples in samples.values():
@@ -288,34 +307,44 @@ class MultimodalReasoningDataModule(L.LightningDataModule):
                 known.update(cache.load())  # ... and what it computed is not computed again
                 todo = {digest: item for digest, item in todo.items() if digest not in known}
                 if todo:
-                    self._score_missing(todo, scorer, cache, known)
+                    self._score_missing(todo, cache, known)
                     cache.compact()
         for split_samples in samples.values():
             for sample in split_samples:
                 values = [known[d] for d in sample.image_hashes]
                 sample.visual_entropy = sum(values) / len(values)
 
-    def _score_missing(self, todo, scorer, cache: EntropyCache, known: dict[str, float]) -> None:
+    def _score_missing(self, todo, cache: EntropyCache, known: dict[str, float]) -> None:
+        """Score ``todo`` in batches, caching each batch (a kill loses at most one); the scorer and its model are
+        freed when done, before training needs the memory."""
         from tqdm.auto import tqdm
 
         items = list(todo.items())
         size = self.hparams.entropy_batch_size
+        scorer = self.build_scorer()
         bar = tqdm(total=len(items), desc="visual entropy", unit="img", disable=not self.hparams.progress)
-        for start in range(0, len(items), size):
-            chunk = items[start : start + size]
-            images = []
-            for _, (sample, position) in chunk:
-                raw, decoded, name = image_bytes(sample.images[position], sample.base_dir)
-                images.append(open_image(raw, decoded, name, self.hparams.max_image_side))
-            values = [float(v) for v in scorer(images)]
-            for (digest, (sample, _)), value in zip(chunk, values):
-                if not math.isfinite(value):
-                    raise ValueError(f"visual entropy of sample {sample.id} came out {value}; nothing was cached for it")
-            entries = {digest: value for (digest, _), value in zip(chunk, values)}
-            cache.add(entries)  # after each batch: a kill loses at most one batch of work
-            known.update(entries)
-            bar.update(len(chunk))
-        bar.close()
+        try:
+            for start in range(0, len(items), size):
+                chunk = items[start : start + size]
+                images = []
+                for _, (sample, position) in chunk:
+                    raw, decoded, name = image_bytes(sample.images[position], sample.base_dir)
+                    images.append(open_image(raw, decoded, name, self.hparams.max_image_side))
+                values = [float(v) for v in scorer(images)]
+                self.encoder_calls += 1
+                self.images_scored += len(images)
+                for (digest, (sample, _)), value in zip(chunk, values):
+                    if not math.isfinite(value):
+                        raise ValueError(f"visual entropy of sample {sample.id} came out {value}; nothing was cached for it")
+                entries = {digest: value for (digest, _), value in zip(chunk, values)}
+                cache.add(entries)
+                known.update(entries)
+                bar.update(len(chunk))
+        finally:
+            bar.close()
+            del scorer  # the last reference: the model goes now (no cycles hold it, a test checks)
+            if torch.cuda.is_initialized():
+                torch.cuda.empty_cache()  # and its blocks go back to the device, not only to torch's cache
 
     def entropy_thresholds(self, percentiles=(0.25, 0.75), split: str = "train") -> torch.Tensor:
         """Dataset-level entropy percentiles (for perceptual groups that do not move with the batch)."""

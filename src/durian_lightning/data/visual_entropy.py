@@ -1,5 +1,5 @@
 """Scorers that turn images into visual entropy: the paper's spectral entropy of the VLM's own patch features,
-and a model-free pixel-histogram fallback. Each has a ``fingerprint`` naming everything that changes its numbers."""
+and a model-free pixel-histogram fallback; and the fingerprint naming everything that changes their numbers."""
 
 from __future__ import annotations
 
@@ -16,26 +16,19 @@ from ..image_features import image_encoder_inputs, inner_model
 FeatureSource = Literal["vision_tower", "projector"]
 
 
+def entropy_fingerprint(method: str, **identity) -> str:
+    """SHA-256 naming what a scorer's number depends on besides the image bytes: the method, and for the spectral
+    one the model's file hashes, layer, feature source, image processor and its arguments, dtype; and the
+    ``max_image_side`` the image is shrunk to before any of that. Computed without loading any model."""
+    payload = {"scorer": f"{method}-entropy/v2", **identity}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
 class PixelEntropyScorer:
     """Shannon entropy of the grayscale histogram. Fast and model-free; not the paper's metric."""
 
-    def __init__(self) -> None:
-        self.fingerprint = hashlib.sha256(b"pixel-histogram-entropy/v1").hexdigest()
-        self.calls = self.images_scored = 0
-
     def __call__(self, images: Sequence[Image.Image]) -> list[float]:
-        self.calls += 1
-        self.images_scored += len(images)
         return [pixel_entropy(image) for image in images]
-
-
-def weights_fingerprint(module: torch.nn.Module) -> str:
-    """sha256 over the names, dtypes, shapes and bytes of a module's parameters and buffers."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 VISION_ENCODERS = ("vision_tower", "visual", "vision_model")  # the encoder's attribute name across families
@@ -69,7 +62,7 @@ class SpectralEntropyScorer:
     covariance and one entropy per image. Batches share a call where each image's rows are known to be its own
     (Qwen-VL patch grids, fixed-size images). Padding patches a processor adds (Gemma 4's, position -1) are left out.
     ``image_processor_kwargs`` go to the image processor (e.g. ``size`` or ``max_pixels``) and set the resolution.
-    These, the encoder's config and a hash of its weights make up the fingerprint that keys the cache.
+    ``model`` needs only its image path (:func:`durian_lightning.models.loading.load_image_encoder`).
     """
 
     def __init__(
@@ -106,18 +99,6 @@ class SpectralEntropyScorer:
         self.feature_source = feature_source
         self.image_processor_kwargs = dict(image_processor_kwargs or {})
         self.device, self.dtype = torch.device(device), dtype
-        self.calls = self.images_scored = 0  # encoder batches and images, so tests can count cache misses
-        identity = {
-            "scorer": "spectral-entropy/v1",
-            "config": model.config.to_dict() if hasattr(model.config, "to_dict") else str(model.config),
-            "weights": weights_fingerprint(encoder if feature_source == "vision_tower" else model),
-            "vision_layer": vision_layer,
-            "feature_source": feature_source,
-            "image_processor": self.image_processor.to_dict(),
-            "image_processor_kwargs": self.image_processor_kwargs,
-            "dtype": str(dtype),
-        }
-        self.fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
 
     @torch.no_grad()
     def features(self, images: Sequence[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,7 +163,5 @@ class SpectralEntropyScorer:
         return parts
 
     def __call__(self, images: Sequence[Image.Image]) -> list[float]:
-        self.calls += 1
-        self.images_scored += len(images)
         feats, mask = self.features(images)
         return spectral_entropy(feats.float(), mask).tolist()

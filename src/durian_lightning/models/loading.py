@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -90,6 +91,45 @@ def load_policy(
         if gradient_checkpointing:
             model.enable_input_require_grads()
     return model, processor
+
+
+TEXT_PARTS = ("language_model", "text_model", "lm_head")  # what the image path never runs, across the families
+
+
+def load_image_encoder(name_or_path: str, dtype: torch.dtype = torch.float32):
+    """The VLM with only its image path loaded (vision encoder, projector): what the visual-entropy scorer runs.
+
+    The language model is built with no blocks, so its weights are never read (a 7B model's 15 GB stay on disk), and
+    then its remains (embeddings, head) are dropped. A family whose config does not allow that (Gemma 4 sizes
+    per-layer embeddings by the block count) is loaded whole and stripped the same way. tests/test_families.py shows
+    for every family that the entropies equal the full model's."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+    from transformers.utils import logging as hf_logging
+
+    config = AutoConfig.from_pretrained(name_or_path)
+    text = config.get_text_config()
+    model = None
+    if text is not config:
+        text.num_hidden_layers = 0
+        if getattr(text, "layer_types", None) is not None:
+            text.layer_types = []
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # the block weights left unread are listed at length otherwise
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", "Initializing zero-element tensors")  # the empty block list
+                model = AutoModelForImageTextToText.from_pretrained(name_or_path, config=config, dtype=dtype)
+        except (RuntimeError, ValueError) as error:
+            log.debug("%s cannot be built without its language model (%s); loading it whole", name_or_path, error)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+    if model is None:
+        model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=dtype)
+    for owner in (model, getattr(model, "model", None)):
+        for name in TEXT_PARTS:
+            if isinstance(getattr(owner, name, None), torch.nn.Module):
+                setattr(owner, name, torch.nn.Identity())
+    return model.eval()
 
 
 def _model_type(path: str) -> str:
