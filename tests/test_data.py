@@ -558,3 +558,26 @@ def test_a_relative_data_path_outside_its_working_directory_says_where_it_looked
         load_source("data/synthetic")
     message = str(raised.value)
     assert "'data/synthetic'" in message and str(tmp_path) in message and "repository root" in message
+
+
+def test_model_file_hashes_read_a_hub_blobs_name_and_hash_other_files_once(tmp_path):
+    import hashlib
+
+    from durian_lightning.data.model_files import model_file_hashes
+
+    blobs, snapshot = tmp_path / "blobs", tmp_path / "snapshot"
+    blobs.mkdir()
+    snapshot.mkdir()
+    (blobs / ("ab" * 32)).write_bytes(b"weights")  # the hub names an LFS blob by its SHA-256
+    (snapshot / "model.safetensors").symlink_to(blobs / ("ab" * 32))
+    (snapshot / "config.json").write_text('{"model_type": "llava"}')
+    memo = tmp_path / "memo.json"
+    hashes = model_file_hashes(str(snapshot), memo)
+    assert hashes == {"model.safetensors": "ab" * 32,
+                      "config.json": hashlib.sha256(b'{"model_type": "llava"}').hexdigest()}
+    assert list(json.loads(memo.read_text())) == [str((snapshot / "config.json").resolve())]
+    (snapshot / "config.json").write_text('{"model_type": "qwen2_5_vl"}')
+    assert model_file_hashes(str(snapshot), memo)["config.json"] == hashlib.sha256(b'{"model_type": "qwen2_5_vl"}').hexdigest()
+    (snapshot / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="no weight files"):
+        model_file_hashes(str(snapshot), memo)
