@@ -43,6 +43,9 @@ class DumpRolloutCallback(L.Callback):
             "local_advantages": last.local_advantages.tolist(),
             "waiting": len(pl_module.buffer) if pl_module.buffer is not None else None,
             "lora_sums": [float(v.double().sum()) for k, v in sorted(pl_module.model.state_dict().items()) if "lora_" in k],
+            "lengths": last.local.rollout.completion_mask.sum(dim=1).tolist(),
+            "stats": {k: getattr(last.stats, k) for k in ("loss", "kl", "clip_fraction_low", "clip_fraction_high", "tokens")},
+            "metrics": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")},
         }
         with open(self.folder / f"rank{trainer.global_rank}-step{trainer.global_step}.json", "w") as f:
             json.dump(record, f)

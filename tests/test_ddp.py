@@ -172,3 +172,37 @@ def test_ddp_resume_reproduces_the_uninterrupted_run_on_every_rank(tmp_path):
     assert adapters[0].keys() == adapters[1].keys()
     for key in adapters[0]:
         torch.testing.assert_close(adapters[0][key], adapters[1][key], rtol=0, atol=0, msg=key)
+
+
+def test_ddp_logs_global_training_metrics_and_counts_each_validation_sample_once(tmp_path):
+    # 7 validation samples on 2 ranks: the sampler gives each rank 4, repeating one; it must count once
+    source = tmp_path / "data"
+    source.mkdir()
+    (source / "images").symlink_to(REPO / "data" / "synthetic" / "images")
+    (source / "train.jsonl").write_text((REPO / "data" / "synthetic" / "train.jsonl").read_text())
+    (source / "val.jsonl").write_text("".join((REPO / "data" / "synthetic" / "val.jsonl").read_text().splitlines(True)[:7]))
+    dump = fit_on_two_ranks(
+        tmp_path, "--data.source", str(source), "--data.eval_batch_size", "2", "--trainer.val_check_interval", "2",
+        "--model.reward.functions", "[tests.test_training:length_reward]",
+    )
+    for step in (1, 2):
+        ranks = [json.loads((dump / f"rank{r}-step{step}.json").read_text()) for r in (0, 1)]
+        logged = ranks[0]["metrics"]
+        assert logged == ranks[1]["metrics"]  # every rank logs the same, global numbers
+        rewards = torch.tensor(ranks[0]["global_rewards"])
+        assert logged["train/reward"] == pytest.approx(float(rewards.mean()))
+        assert logged["train/reward_std"] == pytest.approx(float(rewards.std()))
+        lengths = ranks[0]["lengths"] + ranks[1]["lengths"]
+        assert logged["train/completion_length"] == pytest.approx(sum(lengths) / len(lengths))
+        assert (logged["train/completion_length_min"], logged["train/completion_length_max"]) == (min(lengths), max(lengths))
+        stats = [r["stats"] for r in ranks]
+        assert logged["train/loss"] == pytest.approx(sum(s["loss"] for s in stats) / 2)  # each rank's share of one loss
+        tokens = sum(s["tokens"] for s in stats)
+        assert logged["train/clip_fraction_high"] == pytest.approx(sum(s["clip_fraction_high"] * s["tokens"] for s in stats) / tokens)
+    validation = [json.loads((dump / f"rank{r}-validation-step2.json").read_text()) for r in (0, 1)]
+    assert [v["local"] for v in validation] == [4, 4] and len(validation[0]["ids"]) == 8  # one sample twice ...
+    by_id = dict(zip(validation[0]["ids"], validation[0]["correct"]))
+    assert len(by_id) == 7
+    assert validation[0]["metrics"]["val/accuracy"] == pytest.approx(sum(by_id.values()) / 7)  # ... counted once
+    completions = (tmp_path / "lightning_logs" / "version_0" / "val_completions.jsonl").read_text().splitlines()
+    assert len(completions) == 7

@@ -110,3 +110,49 @@ def test_clearing_the_buffer_drops_the_surplus():
     buffer.add(scored(["a0", "a1", "a2"], [1, 0] * 3, width=1))
     assert buffer.take(2).ids == ["a0", "a1"]
     assert buffer.clear() == 1 and len(buffer) == 0
+
+
+def test_step_metrics_reduce_to_the_global_batchs_numbers_by_hand():
+    from durian_lightning.step_metrics import StepMetrics
+
+    # one process: the values themselves; 1, 2, 4: mean 7/3, std sqrt(((1-7/3)^2 + (2-7/3)^2 + (4-7/3)^2) / 2)
+    out = (StepMetrics().mean("m", 7.0, 3).std("s", torch.tensor([1.0, 2.0, 4.0])).total("t", 5)
+           .low("lo", 2.0).high("hi", 9.0).mean("empty", 0.0, 0).std("one", torch.tensor([3.0]))).reduce(world=1)
+    assert out["m"] == pytest.approx(7 / 3) and out["s"] == pytest.approx((14 / 9 * 3 / 2) ** 0.5)
+    assert (out["t"], out["lo"], out["hi"]) == (5.0, 2.0, 9.0)
+    assert torch.isnan(torch.tensor(out["empty"])) and torch.isnan(torch.tensor(out["one"]))
+
+
+def test_the_steps_metrics_weight_clip_fractions_by_tokens_and_entropy_per_token():
+    from durian_lightning.step_metrics import training_step_metrics
+    from durian_lightning.update import UpdateStats
+
+    batch = scored(["a", "b"], [0.0, 1.0, 1.0, 1.0], width=3)
+    batch.rollout.completion_mask[0, 1:] = 0  # row lengths 1, 3, 3, 3
+    batch = replace(batch, rollout=replace(batch.rollout, token_entropy=torch.tensor(
+        [[2.0, 9.0, 9.0], [1.0, 1.0, 1.0], [1.0, 1.0, 1.0], [1.0, 1.0, 1.0]])))
+    stats = UpdateStats(loss=0.5, kl=0.1, clip_fraction_low=0.25, clip_fraction_high=0.5, optimizer_steps=2, tokens=10)
+    out = training_step_metrics(batch, stats, [1.0, 3.0], {"generate": 2.0}).reduce(world=1)
+    assert out["train/reward"] == 0.75 and out["train/reward_std"] == pytest.approx(0.5)
+    assert (out["train/completion_length"], out["train/completion_length_min"], out["train/completion_length_max"]) \
+        == (2.5, 1.0, 3.0)
+    assert out["train/truncated_fraction"] == 0.5  # rows 1 and 3 did not end
+    assert out["train/entropy"] == pytest.approx(11 / 10)  # (2 + 9 x 1) / 10 real tokens; the masked 9s not counted
+    assert (out["train/clip_fraction"], out["train/grad_norm"], out["perf/generate_s"]) == (0.75, 2.0, 2.0)
+    assert (out["train/loss"], out["train/kl"]) == (0.5, pytest.approx(0.1))
+
+
+def test_evaluation_counts_each_sample_once_whatever_the_sampler_repeats():
+    from durian_lightning.evaluation import evaluation_metrics, unique_records
+
+    # 3 samples over 2 ranks: the sampler gives rank 1 a repeat of sample 0 (position 0) to even out the shares
+    rank0 = [{"dataset_index": 0, "correct": 1.0, "reward": 1.5, "perceptual_group": 0, "mean@k": 0.5, "pass@k": 1.0},
+             {"dataset_index": 2, "correct": 0.0, "reward": 0.0, "perceptual_group": 2, "mean@k": 0.0, "pass@k": 0.0}]
+    rank1 = [{"dataset_index": 1, "correct": 0.0, "reward": 0.5, "perceptual_group": 2, "mean@k": 0.25, "pass@k": 1.0},
+             {**rank0[0]}]
+    records = unique_records(rank0 + rank1)
+    assert [r["dataset_index"] for r in records] == [0, 2, 1]
+    metrics = evaluation_metrics(records)
+    assert metrics == pytest.approx({"accuracy": 1 / 3, "reward": 2 / 3, "accuracy_perceptual_0": 1.0,
+                                     "accuracy_perceptual_2": 0.0, "mean@k": 0.25, "pass@k": 2 / 3})
+    assert "accuracy_perceptual_1" not in metrics  # no sample in that group: nothing logged, not a 0

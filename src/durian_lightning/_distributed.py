@@ -41,6 +41,26 @@ def mean_over_ranks(value: float, world: int, device: torch.device | str = "cpu"
     return float(total) / world
 
 
+def sum_over_ranks(values: list[float], world: int, device: torch.device | str = "cpu") -> list[float]:
+    """Element-wise sums over ranks of a list of numbers, in one all-reduce (float64)."""
+    if world <= 1 or not values:
+        return list(values)
+    total = torch.tensor(values, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(total)
+    return total.tolist()
+
+
+def extremes_over_ranks(lows: list[float], highs: list[float], world: int,
+                        device: torch.device | str = "cpu") -> tuple[list[float], list[float]]:
+    """Element-wise minimum of ``lows`` and maximum of ``highs`` over ranks, in one all-reduce."""
+    if world <= 1 or not (lows or highs):
+        return list(lows), list(highs)
+    both = torch.tensor([*lows, *(-h for h in highs)], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(both, op=torch.distributed.ReduceOp.MIN)
+    values = both.tolist()
+    return values[: len(lows)], [-h for h in values[len(lows) :]]
+
+
 def average_gradients(params: list[torch.nn.Parameter], world: int) -> None:
     """Replace every gradient by its mean over ranks (the data-parallel update), in one flat all-reduce."""
     if world <= 1:

@@ -18,9 +18,9 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from ._distributed import all_gather_records
 from .advantages import Advantages, consecutive_prompt_index, grpo_advantages
 from .difficulty import perceptual_groups
+from .evaluation import gathered_records
 from .rewards import RewardError
 
 
@@ -202,7 +202,7 @@ class ErrorVsDifficultyCallback(L.Callback):
         self.filename = filename
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        records = all_gather_records(trainer, getattr(pl_module, "eval_records", []))  # every rank's samples
+        records = gathered_records(trainer, getattr(pl_module, "eval_records", []))  # every rank's samples, once
         thresholds = pl_module.perceptual_thresholds() if hasattr(pl_module, "perceptual_thresholds") else None
         stats = error_by_difficulty(records, thresholds)
         if not stats:
@@ -234,7 +234,7 @@ class EvaluationCompletionsCallback(L.Callback):
         self._write(trainer, pl_module, "test")
 
     def _write(self, trainer, pl_module, stage: str) -> None:
-        records = all_gather_records(trainer, getattr(pl_module, "eval_records", []))  # a collective
+        records = gathered_records(trainer, getattr(pl_module, "eval_records", []))  # a collective
         folder = _log_dir(trainer)  # on every rank: Trainer.log_dir is a collective
         if trainer.is_global_zero and records:
             _append_jsonl(folder / f"{stage}_completions.jsonl", [{"step": trainer.global_step, **r} for r in records])

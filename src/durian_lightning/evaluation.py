@@ -7,28 +7,14 @@ from typing import Any, Sequence
 
 import torch
 
+from ._distributed import all_gather_records
 from .difficulty import perceptual_groups
 from .rewards import extract_answer
 from .scoring import ScoredRollouts
 
-# one metric per name and stage; every rank updates every one (an absent group is an empty update) so they sync as one
-METRIC_NAMES = ("accuracy", "reward", *(f"accuracy_perceptual_{k}" for k in range(3)))
-SAMPLED_METRIC_NAMES = ("mean@k", "pass@k")  # logged with k spelled out (mean@8) when evaluation.samples = k > 0
-
-
 def correctness(scored: ScoredRollouts) -> torch.Tensor:
     """The accuracy reward when there is one, else the total reward."""
     return scored.reward_components.get("accuracy", scored.rewards)
-
-
-def metric_updates(
-    scored: ScoredRollouts, percentiles: Sequence[float], thresholds: torch.Tensor | None
-) -> dict[str, torch.Tensor]:
-    """The values each of :data:`METRIC_NAMES` averages, for one evaluation batch (perceptual group 0 = simplest)."""
-    correct = correctness(scored)
-    groups = perceptual_groups(scored.visual_entropy, percentiles, thresholds).to(correct.device)
-    return {"accuracy": correct, "reward": scored.rewards,
-            **{f"accuracy_perceptual_{k}": correct[groups == k] for k in range(3)}}
 
 
 def sampled_accuracy(correct: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
@@ -41,17 +27,54 @@ def sampled_accuracy(correct: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
     return {"mean@k": per_prompt.mean(1), "pass@k": (per_prompt > 0).any(1).to(correct.dtype)}
 
 
-def sample_records(scored: ScoredRollouts, batch: dict[str, Any]) -> list[dict[str, Any]]:
-    """One record per sample: correctness, difficulty scores, completion and answer, and the breakdown columns
-    (:data:`BREAKDOWNS`) the batch has."""
+def sample_records(
+    scored: ScoredRollouts, batch: dict[str, Any], percentiles: Sequence[float], thresholds: torch.Tensor | None
+) -> list[dict[str, Any]]:
+    """One record per sample: correctness, reward, difficulty scores and perceptual group (0 = simplest), completion
+    and answer, its position in the dataset, and the breakdown columns (:data:`BREAKDOWNS`) the batch has."""
     correct = correctness(scored)
+    groups = perceptual_groups(scored.visual_entropy, percentiles, thresholds).tolist()
+    positions = batch.get("dataset_index") or [None] * scored.num_prompts
     return [
-        {"id": scored.ids[i], "problem": scored.problems[i], "answer": scored.answers[i],
-         "completion": scored.rollout.completions[i], "correct": float(correct[i]),
+        {"id": scored.ids[i], "dataset_index": positions[i], "problem": scored.problems[i], "answer": scored.answers[i],
+         "completion": scored.rollout.completions[i], "correct": float(correct[i]), "reward": float(scored.rewards[i]),
          "visual_entropy": float(scored.visual_entropy[i]), "confidence": float(scored.confidence[i]),
-         **{column: batch[column][i] for column in BREAKDOWNS if column in batch}}
+         "perceptual_group": int(groups[i]), **{column: batch[column][i] for column in BREAKDOWNS if column in batch}}
         for i in range(scored.num_prompts)
     ]
+
+
+def unique_records(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each dataset position once: a distributed sampler pads the last ranks' shares with repeats of the first
+    samples so that every rank has as many batches, and those repeats must not count twice."""
+    seen: set = set()
+    out = []
+    for record in records:
+        position = record.get("dataset_index")
+        if position is None or position not in seen:
+            seen.add(position)
+            out.append(record)
+    return out
+
+
+def gathered_records(trainer, records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every rank's evaluation records, each sample once (a collective: every rank calls it)."""
+    return unique_records(all_gather_records(trainer, list(records)))
+
+
+def evaluation_metrics(records: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Means over the records: accuracy, reward, accuracy per perceptual group (the groups that have samples), and
+    ``mean@k`` / ``pass@k`` where the records carry them."""
+    def mean(key: str, group: int | None = None) -> list[float]:
+        return [r[key] for r in records if key in r and (group is None or r["perceptual_group"] == group)]
+
+    metrics = {}
+    for name, values in (("accuracy", mean("correct")), ("reward", mean("reward")),
+                         *((f"accuracy_perceptual_{k}", mean("correct", k)) for k in range(3)),
+                         ("mean@k", mean("mean@k")), ("pass@k", mean("pass@k"))):
+        if values:
+            metrics[name] = sum(values) / len(values)
+    return metrics
 
 
 # dataset columns that evaluation accuracy is also reported by: the benchmark a sample comes from, its question type

@@ -13,6 +13,7 @@ import torch
 from ._distributed import all_gather_1d
 from .advantages import Advantages, DifficultyScores, consecutive_prompt_index
 from .scoring import ScoredRollouts
+from .update import UpdateStats
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,7 @@ class UpdateRecord:
     batch: GlobalBatch
     advantages: Advantages  # over the global batch
     local: ScoredRollouts
+    stats: UpdateStats | None = None  # this rank's update statistics, once the update ran
 
     @property
     def local_advantages(self) -> torch.Tensor:

@@ -20,25 +20,24 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-import torchmetrics
 
-from ._distributed import all_gather_records, average_gradients, mean_over_ranks, min_over_ranks, require_ddp
+from ._distributed import average_gradients, mean_over_ranks, min_over_ranks, require_ddp
 from .advantages import AdvantageSettings, get_estimator
 from .answer_prior import answer_prior_accuracy, most_frequent_answers
 from .checkpointing import restore_rng_state, rng_states, seed_rank, trainable_state
 from .dynamic_sampling import PromptBuffer
 from .evaluation import (
     BREAKDOWNS,
-    METRIC_NAMES,
-    SAMPLED_METRIC_NAMES,
     accuracy_by,
     correctness,
-    metric_updates,
+    evaluation_metrics,
+    gathered_records,
     prediction_rows,
     sample_records,
     sampled_accuracy,
 )
 from .global_batch import UpdateRecord, gather_global_batch
+from .step_metrics import StepMetrics, training_step_metrics
 from .image_features import ImageFeatures
 from .models.families import explain_fast_path_off, fast_path_verified
 from .models.loading import load_policy
@@ -113,12 +112,9 @@ class DurianGRPO(L.LightningModule):
         self.updates = 0  # rollout batches trained on (each takes ppo_epochs x mini-batches optimizer steps)
         self._phase_seconds: dict[str, float] = {}
         self._grad_norms: list[float] = []  # the global gradient norm before clipping, per optimizer step of the update
-        # accuracy overall and per perceptual group (0 simple .. 2 complex images), for validation and test
-        self.eval_metrics = torch.nn.ModuleDict({
-            f"{stage}_{name}": torchmetrics.MeanMetric()
-            for stage in ("val", "test") for name in (*METRIC_NAMES, *SAMPLED_METRIC_NAMES)
-        })
-        self.eval_records: list[dict[str, Any]] = []  # per-sample evaluation results, for the error-vs-difficulty callback
+        # this rank's per-sample evaluation results: the metrics, the breakdowns and the callbacks are computed from
+        # every rank's, each sample once (a distributed sampler repeats some to even out the ranks)
+        self.eval_records: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------------------------------ model
 
@@ -204,22 +200,11 @@ class DurianGRPO(L.LightningModule):
                                opt.micro_batch_size, opt.ppo_epochs, self._backward, self._optimizer_step,
                                partial(mean_over_ranks, world=self.trainer.world_size, device=self.device))
         self.updates += 1
-
-        lengths = scored.rollout.completion_mask.sum(dim=1).float()
-        self.log_dict({  # the names TRL / verl users look for are mapped in the README
-            "train/loss": stats.loss, "train/kl": stats.kl,
-            "train/grad_norm": sum(self._grad_norms) / len(self._grad_norms),
-            "train/clip_fraction": stats.clip_fraction,
-            "train/clip_fraction_low": stats.clip_fraction_low, "train/clip_fraction_high": stats.clip_fraction_high,
-            "train/reward": float(scored.rewards.mean()), "train/reward_std": float(scored.rewards.std()),
-            "train/completion_length": float(lengths.mean()), "train/completion_length_min": float(lengths.min()),
-            "train/completion_length_max": float(lengths.max()),
-            "train/truncated_fraction": float(1 - scored.rollout.ended.float().mean()),
-            "train/entropy": scored.rollout.mean_token_entropy(),
-            **{f"train/reward_{name}": float(values.mean()) for name, values in scored.reward_components.items()},
-            **{f"perf/{phase}_s": seconds for phase, seconds in self._phase_seconds.items()},
-        })
-        self.log("reward", float(scored.rewards.mean()), prog_bar=True, logger=False)
+        self.last_update = dataclasses.replace(self.last_update, stats=stats)
+        metrics = training_step_metrics(scored, stats, self._grad_norms, self._phase_seconds)
+        metrics = metrics.reduce(self.trainer.world_size, self.device)  # global: every rank's rollouts
+        self.log_dict(metrics)
+        self.log("reward", metrics["train/reward"], prog_bar=True, logger=False)
         return None
 
     def on_train_batch_end(self, outputs, batch: dict[str, Any], batch_idx: int) -> None:
@@ -233,7 +218,8 @@ class DurianGRPO(L.LightningModule):
     def _report_reward_failures(self, failures: tuple[str, ...]) -> None:
         """With ``reward.on_error: zero``: how many scores failed this step (a metric, 0 on a healthy run), and what
         failed (a warning: the first three messages)."""
-        self.log("train/reward_failures", float(len(failures)))
+        self.log_dict(StepMetrics().total("train/reward_failures", len(failures))
+                      .reduce(self.trainer.world_size, self.device))  # every rank's
         if failures:
             more = f" (and {len(failures) - 3} more)" if len(failures) > 3 else ""
             log.warning("step %d: %d reward score(s) failed and were set to 0%s: %s", self.global_step, len(failures),
@@ -243,12 +229,14 @@ class DurianGRPO(L.LightningModule):
         """Buffer this step's informative prompts; once every rank has a full batch (the statistics and the all-reduce
         are collectives), the oldest batch, dropping the surplus (see dynamic_sampling.py)."""
         informative = self.buffer.informative(scored, self.optimization.dynamic_sampling_reward)
-        self.log("train/dynamic_sampling_kept", informative.num_prompts / scored.num_prompts)
+        self.log_dict(StepMetrics().mean("train/dynamic_sampling_kept", informative.num_prompts, scored.num_prompts)
+                      .reduce(self.trainer.world_size, self.device))
         self.buffer.add(informative)
         if min_over_ranks(len(self.buffer), self.trainer.world_size, self.device) < rollout_batch_size:
             return None
         batch = self.buffer.take(rollout_batch_size)
-        self.log("train/dynamic_sampling_dropped", float(self.buffer.clear()))
+        self.log_dict(StepMetrics().total("train/dynamic_sampling_dropped", self.buffer.clear())
+                      .reduce(self.trainer.world_size, self.device))
         return batch
 
     def _logprob_passes(self, scored: ScoredRollouts, old: bool) -> ScoredRollouts:
@@ -348,26 +336,23 @@ class DurianGRPO(L.LightningModule):
 
     def _evaluate(self, batch: dict[str, Any], stage: str) -> None:
         scored = self._generate_once(batch)
-        for name, values in metric_updates(scored, self.advantages.percentiles, self.perceptual_thresholds()).items():
-            metric = self.eval_metrics[f"{stage}_{name}"]
-            metric.update(values)
-            self.log(f"{stage}/{name}", metric, prog_bar=name == "accuracy")
-        records = sample_records(scored, batch)
+        records = sample_records(scored, batch, self.advantages.percentiles, self.perceptual_thresholds())
         if k := self.evaluation.samples:
             sampled = self._generate_once(batch, k, do_sample=True)
             for name, values in sampled_accuracy(correctness(sampled), k).items():
-                metric = self.eval_metrics[f"{stage}_{name}"]
-                metric.update(values)
-                self.log(f"{stage}/{name.removesuffix('k')}{k}", metric)
                 for record, value in zip(records, values.tolist()):
                     record[name] = value
         self.eval_records.extend(records)
         self._forget_image_features()
 
     def _log_breakdowns(self, stage: str) -> None:
-        """Accuracy per source and per question type, and the answer-prior baseline beside each, over every rank's
-        samples (ranks may hold different values: gathered records, not per-key syncs)."""
-        records = all_gather_records(self._trainer, self.eval_records)
+        """Accuracy overall, per perceptual group, per source and per question type, and the answer-prior baseline
+        beside each, over every rank's samples, each once (gathered records, not per-key syncs: ranks may hold
+        different groups and values)."""
+        records = gathered_records(self._trainer, self.eval_records)
+        k = self.evaluation.samples
+        for name, value in evaluation_metrics(records).items():
+            self.log(f"{stage}/{name.replace('@k', f'@{k}')}", value, prog_bar=name == "accuracy")
         for column in BREAKDOWNS:
             for value, accuracy in accuracy_by(records, column).items():
                 self.log(f"{stage}/accuracy_{column}_{value}", accuracy)

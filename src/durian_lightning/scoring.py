@@ -18,7 +18,7 @@ from .rewards import WeightedReward
 from .rollout import Rollout, pad_completions
 
 # batch keys that are not passed to reward functions (the rest, e.g. a dataset's own columns, are)
-_NOT_REWARD_FIELDS = ("images", "prompt", "answer", "messages", "visual_entropy", "id", "problem")
+_NOT_REWARD_FIELDS = ("images", "prompt", "answer", "messages", "visual_entropy", "id", "problem", "dataset_index")
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,7 @@ class UpdateStats:
     clip_fraction_low: float  # share of all real tokens (over every pass) clipped at 1 - eps_low
     clip_fraction_high: float  # ... and at 1 + eps_high
     optimizer_steps: int
+    tokens: float = 0.0  # real tokens over every pass (what the clip fractions are shares of)
 
     @property
     def clip_fraction(self) -> float:
@@ -99,5 +100,5 @@ def ppo_update(
     return UpdateStats(
         loss=sum(step_losses) / len(step_losses), kl=sum(step_kls) / len(step_kls),
         clip_fraction_low=clipped_low / max(tokens, 1.0), clip_fraction_high=clipped_high / max(tokens, 1.0),
-        optimizer_steps=len(step_losses),
+        optimizer_steps=len(step_losses), tokens=tokens,
     )

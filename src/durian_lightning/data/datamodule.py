@@ -74,6 +74,7 @@ class ReasoningDataset(Dataset):
             "prompt": self.chat_template(messages) if self.chat_template else None,
             "visual_entropy": s.visual_entropy,
             **s.extra,
+            "dataset_index": index,  # evaluation counts each sample once, whatever a distributed sampler repeats
         }
 
 
