@@ -12,6 +12,29 @@ def color_question_reward(completions, answers, problem, **fields):
     return [len(c) / 100 if "color" in p else 0.0 for c, p in zip(completions, problem)]
 
 
+def fails_on_rank_one(completions, answers, **fields):
+    """A reward function with a bug only rank 1's data reaches."""
+    import torch.distributed
+
+    if torch.distributed.get_rank() == 1:
+        raise KeyError("'bbox' (this reward function's bug)")
+    return [0.0] * len(completions)
+
+
+class PromptLimitOnRank(L.Callback):
+    """From the second step on, rank ``rank``'s prompts are over ``max_prompt_length`` (as a long prompt in that rank's
+    share of the data would be)."""
+
+    def __init__(self, rank: int, limit: int):
+        self.rank, self.limit = rank, limit
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        import dataclasses
+
+        if trainer.global_rank == self.rank and trainer.global_step >= 1:
+            pl_module.rollout = dataclasses.replace(pl_module.rollout, max_prompt_length=self.limit)
+
+
 class DumpRolloutCallback(L.Callback):
     def __init__(self, folder: str):
         self.folder = Path(folder)
@@ -77,16 +100,19 @@ class DumpGradientCallback(L.Callback):
 
 class SigtermAtStep(L.Callback):
     """Sends this process SIGTERM (or ``signal_name``, e.g. SIGINT for a Ctrl-C) after the given optimizer step, as a
-    scheduler's preemption would."""
+    scheduler's preemption would; with ``rank``, on that rank only (one node of several preempted)."""
 
-    def __init__(self, step: int, signal_name: str = "SIGTERM"):
+    def __init__(self, step: int, signal_name: str = "SIGTERM", rank: int | None = None):
         self.step = step
         self.signal_name = signal_name
+        self.rank = rank
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         import os
         import signal
 
+        if self.rank is not None and trainer.global_rank != self.rank:
+            return
         if trainer.global_step == self.step and not getattr(self, "sent", False):
             self.sent = True
             os.kill(os.getpid(), getattr(signal, self.signal_name))

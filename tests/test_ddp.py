@@ -30,9 +30,9 @@ def run_process_group(command, env, timeout):
     return process.returncode, stderr
 
 
-def fit_on_two_ranks(tmp_path, *args: str):
+def fit_on_two_ranks(tmp_path, *args: str, returncode: int = 0, timeout: int = 300):
     """`durian fit` of tiny LLaVA (G = 4, 6 new tokens, 3 prompts per rank, 2 steps) on 2 gloo processes; returns the
-    folder where tests/ddp_probe.py wrote what each rank computed."""
+    folder where tests/ddp_probe.py wrote what each rank computed (and, with ``returncode``, stderr)."""
     dump = tmp_path / "dump"
     command = [
         sys.executable, "-m", "durian_lightning.cli", "fit",
@@ -45,9 +45,12 @@ def fit_on_two_ranks(tmp_path, *args: str):
         *args,
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "DURIAN_CACHE": str(tmp_path / "cache")}
-    returncode, stderr = run_process_group(command, env, timeout=300)
-    assert returncode == 0, stderr[-3000:]
-    return dump
+    code, stderr = run_process_group(command, env, timeout=timeout)
+    if returncode == 0:
+        assert code == 0, stderr[-3000:]
+        return dump
+    assert code == returncode, f"exit status {code}, expected {returncode}:\n{stderr[-3000:]}"
+    return dump, stderr
 
 
 def test_ddp_ranks_compute_the_advantages_of_the_global_batch(tmp_path):
@@ -155,15 +158,23 @@ def test_ddp_with_dynamic_sampling_updates_every_rank_at_the_same_step(tmp_path)
         assert ranks[0]["lora_sums"] == ranks[1]["lora_sums"]
 
 
-def test_ddp_resume_reproduces_the_uninterrupted_run_on_every_rank(tmp_path):
-    # each rank samples its rollouts from its own generator: a checkpoint must hold every rank's, not rank 0's
+def test_ddp_preemption_of_one_rank_stops_every_rank_after_the_same_step_and_resumes_exactly(tmp_path):
+    # SIGTERM reaches rank 1 only (one node of several preempted): both ranks stop after step 2 and write one
+    # last.ckpt together, holding each rank's generator (each samples its rollouts from its own); resuming from it
+    # reproduces the uninterrupted run's adapter bit for bit
     common = ["--trainer.max_steps", "3", "--trainer.limit_val_batches", "0", "--seed_everything", "5",
               "--model.reward.functions", "[tests.test_training:length_reward]"]
-    fit_on_two_ranks(tmp_path / "straight", *common, "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
-                     "--trainer.callbacks.every_n_train_steps=2", "--trainer.callbacks.save_top_k=-1",
-                     f"--trainer.callbacks.dirpath={tmp_path / 'ckpt'}")
-    checkpoint = tmp_path / "ckpt" / "epoch=0-step=2.ckpt"
-    assert len(torch.load(checkpoint, weights_only=False)["durian_rng"]) == 2  # one generator state per rank
+    fit_on_two_ranks(tmp_path / "straight", *common)
+    records = tmp_path / "records"
+    _, stderr = fit_on_two_ranks(tmp_path / "preempted", *common, "--trainer.callbacks+=tests.ddp_probe.SigtermAtStep",
+                                 "--trainer.callbacks.step=2", "--trainer.callbacks.rank=1",
+                                 "--trainer.callbacks+=tests.ddp_probe.RecordCheckpoints",
+                                 f"--trainer.callbacks.folder={records}", returncode=143, timeout=120)
+    assert "SIGTERM received: stopping after step 2 on every rank" in stderr
+    saved = [json.loads(line) for line in (records / "checkpoints.jsonl").read_text().splitlines()]
+    assert saved == [{"step": 2, "updates": 2}] * 2  # one checkpoint, both ranks at the same step
+    (checkpoint,) = (tmp_path / "preempted").rglob("last.ckpt")
+    assert len(torch.load(checkpoint, weights_only=False)["durian_rng"]) == 2
     fit_on_two_ranks(tmp_path / "resumed", *common, "--ckpt_path", str(checkpoint))
     from safetensors.torch import load_file
 
@@ -172,6 +183,20 @@ def test_ddp_resume_reproduces_the_uninterrupted_run_on_every_rank(tmp_path):
     assert adapters[0].keys() == adapters[1].keys()
     for key in adapters[0]:
         torch.testing.assert_close(adapters[0][key], adapters[1][key], rtol=0, atol=0, msg=key)
+
+
+@pytest.mark.parametrize("failure, args, message, saved", [
+    ("reward", ["--model.reward.functions", "[tests.ddp_probe:fails_on_rank_one]"], "'bbox'", "reward-failure.ckpt"),
+    ("prompt too long", ["--trainer.callbacks+=tests.ddp_probe.PromptLimitOnRank", "--trainer.callbacks.rank=1",
+                         "--trainer.callbacks.limit=8"], "over max_prompt_length=8", "failure.ckpt"),
+])
+def test_a_failure_on_one_rank_stops_every_rank_at_once_with_its_message(tmp_path, failure, args, message, saved):
+    _, stderr = fit_on_two_ranks(tmp_path, "--trainer.max_steps", "3", "--trainer.limit_val_batches", "0", *args,
+                                 returncode=1, timeout=120)  # seconds, not the process group's 30-minute timeout
+    assert "rank 1 of 2: " in stderr and message in stderr
+    (checkpoint,) = tmp_path.rglob(saved)  # written by both ranks together: the state after the last completed update
+    state = torch.load(checkpoint, weights_only=False)
+    assert len(state["durian_rng"]) == 2 and state["durian_updates"] == (0 if failure == "reward" else 1)
 
 
 def test_ddp_logs_global_training_metrics_and_counts_each_validation_sample_once(tmp_path):

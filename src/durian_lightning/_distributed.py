@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import pickle
 from typing import Any
 
 import torch
+
+STOPPED_TOGETHER = "durian_stopped_together"  # set on an exception every rank raised at the same point
 
 
 def all_gather_1d(tensor: torch.Tensor, world: int) -> torch.Tensor:
@@ -70,6 +73,43 @@ def average_gradients(params: list[torch.nn.Parameter], world: int) -> None:
     flat /= world
     for p, piece in zip(params, flat.split([p.numel() for p in params])):
         p.grad = piece.view_as(p).clone()
+
+
+def stop_together(error: BaseException | None, world: int, device: torch.device | str = "cpu") -> None:
+    """Call after a phase of the step that has no collective in it (rollout, reward, log-prob passes), with the
+    exception it raised on this rank or None. If any rank failed, every rank raises the first failing rank's
+    exception (same type, message prefixed with its rank), so all stop at the same point and take the same error
+    path: a checkpoint written there is a collective every rank reaches, instead of one rank waiting in the step's
+    next collective for the others, or they for it, until the process group times out."""
+    if world <= 1:
+        if error is not None:
+            setattr(error, STOPPED_TOGETHER, True)
+            raise error
+        return
+    failed = torch.tensor([0 if error is None else 1], device=device)
+    torch.distributed.all_reduce(failed)
+    if int(failed) == 0:
+        return
+    parts: list = [None] * world
+    torch.distributed.all_gather_object(parts, None if error is None else _portable(error))
+    rank, shared = next((r, e) for r, e in enumerate(parts) if e is not None)
+    message = str(shared.args[0]) if shared.args else type(shared).__name__
+    shared.args = (f"rank {rank} of {world}: {message}", *shared.args[1:])
+    setattr(shared, STOPPED_TOGETHER, True)
+    if error is not None and torch.distributed.get_rank() == rank:
+        raise shared from error
+    raise shared
+
+
+def _portable(error: BaseException) -> BaseException:
+    """The exception as another process can rebuild it: itself, or a RuntimeError naming it when it does not pickle."""
+    try:
+        copy = pickle.loads(pickle.dumps(error))
+        if type(copy) is type(error):
+            return copy
+    except Exception:  # noqa: BLE001 - any pickling failure: send the text
+        pass
+    return RuntimeError(f"{type(error).__name__}: {error}")
 
 
 def require_ddp(trainer) -> None:

@@ -8,7 +8,6 @@ any module that fills those can use them. Nothing here depends on which advantag
 from __future__ import annotations
 
 import json
-import os
 import signal
 import threading
 from pathlib import Path
@@ -20,6 +19,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from .advantages import Advantages, consecutive_prompt_index, grpo_advantages
 from .difficulty import perceptual_groups
+from ._distributed import STOPPED_TOGETHER, extremes_over_ranks
 from .evaluation import gathered_records
 from .rewards import RewardError
 
@@ -254,24 +254,34 @@ class EvaluationCompletionsCallback(L.Callback):
 
 
 class PreemptionCheckpoint(L.Callback):
-    """A scheduler's SIGTERM during fit: Lightning stops after the current batch; this writes ``last.ckpt`` of that
+    """A scheduler's SIGTERM during fit: every rank stops after the same step; this writes ``last.ckpt`` of that
     exact position (into the checkpoint folder) and the adapter, and makes the process exit with status 143
     (128 + SIGTERM) instead of 0, so the scheduler sees the run as interrupted. Resume with
     ``--ckpt_path <that folder>/last.ckpt``. A first Ctrl-C (SIGINT) takes the same path, exiting with 130; a second
     one stops at once, mid-step, writing nothing (a checkpoint taken mid-update could hold half an optimizer step).
 
-    A reward function that fails with ``reward.on_error: stop`` stops the run mid-step: this writes
-    ``reward-failure.ckpt``, the state after the last completed update, and adds its path to the error, so the run
-    resumes there (the failed batch is drawn again) once the reward function is fixed."""
+    The signal may reach the ranks at different times, or some of them only (one node of several preempted), so a
+    signal only sets this rank's flag, and the flags are all-reduced at the end of every step: all ranks see the stop
+    at the same step boundary and write the checkpoint together (it is a collective). Lightning's own handler acts
+    on each rank's flag alone (and broadcasts from within the handler), which leaves ranks in different collectives.
+
+    A failure every rank stopped at together (:func:`._distributed.stop_together`: a reward function that fails with
+    ``reward.on_error: stop``, a prompt over ``max_prompt_length``, any error in the rollout, reward or log-prob
+    passes) writes ``reward-failure.ckpt`` (``failure.ckpt`` for the others), the state after the last completed
+    update, and adds its path to the error, so the run resumes there (the failed batch is drawn again) once the
+    cause is fixed."""
 
     def __init__(self) -> None:
         self._interrupted_by: int | None = None
-        self._previous_sigint = None
+        self._previous: dict[int, Any] = {}
 
     def on_train_start(self, trainer, pl_module) -> None:  # after Lightning set its own handlers (it restores them)
         self._interrupted_by = None
         if threading.current_thread() is not threading.main_thread():
             return  # signal handlers can only be set from the main thread
+
+        def preempted(signum, frame) -> None:
+            self._interrupted_by = signal.SIGTERM
 
         def interrupted(signum, frame) -> None:
             if self._interrupted_by is not None:
@@ -279,36 +289,49 @@ class PreemptionCheckpoint(L.Callback):
             self._interrupted_by = signal.SIGINT
             rank_zero_info("Ctrl-C: stopping after this step and writing a checkpoint (Ctrl-C again stops at once, "
                            "saving nothing)")
-            os.kill(os.getpid(), signal.SIGTERM)  # Lightning's own graceful stop, as on a preemption
 
-        self._previous_sigint = signal.signal(signal.SIGINT, interrupted)
+        self._previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, preempted),
+                          signal.SIGINT: signal.signal(signal.SIGINT, interrupted)}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        _, (received,) = extremes_over_ranks([], [float(self._interrupted_by or 0)], trainer.world_size,
+                                             trainer.strategy.root_device)  # every rank, every step
+        if received:
+            self._interrupted_by = int(received)  # SIGTERM where any rank got one, else SIGINT
+            rank_zero_info(f"{signal.Signals(int(received)).name} received: stopping after step {trainer.global_step} "
+                           "on every rank")
+            raise SIGTERMException()
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
-        self._restore_sigint()
+        self._restore_handlers()
 
-    def _restore_sigint(self) -> None:
-        if self._previous_sigint is not None:
-            signal.signal(signal.SIGINT, self._previous_sigint)
-            self._previous_sigint = None
+    def _restore_handlers(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-        self._restore_sigint()  # the teardown hook is not called on this path
+        self._restore_handlers()  # the teardown hook is not called on this path
         if trainer.state.fn != "fit":
             return
-        if isinstance(exception, RewardError):
-            path = self._folder(trainer) / "reward-failure.ckpt"
+        if getattr(exception, STOPPED_TOGETHER, False):  # every rank is here: the checkpoint's collective is safe
+            name = "reward-failure.ckpt" if isinstance(exception, RewardError) else "failure.ckpt"
+            path = self._folder(trainer) / name
             trainer.save_checkpoint(path)
-            exception.args = (f"{exception.args[0]}\nThe last completed update is saved: fix the reward function, then "
-                              f"resume with --ckpt_path {path}",)
+            what = "the reward function" if isinstance(exception, RewardError) else "the cause"
+            exception.args = (f"{exception.args[0]}\nThe last completed update is saved: fix {what}, then resume with "
+                              f"--ckpt_path {path}", *exception.args[1:])
             return
-        if not isinstance(exception, SIGTERMException):
+        if not isinstance(exception, SIGTERMException) or self._interrupted_by is None:
             return
         trainer.save_checkpoint(self._folder(trainer) / "last.ckpt")  # every rank: the checkpoint's contents are gathered
         if hasattr(pl_module, "save_adapter"):
             pl_module.save_adapter()
-        exception.code = 128 + (self._interrupted_by or signal.SIGTERM)
+        exception.code = 128 + self._interrupted_by
 
     @staticmethod
     def _folder(trainer) -> Path:

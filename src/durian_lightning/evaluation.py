@@ -3,6 +3,7 @@ error-vs-difficulty table and per-source accuracy), and prediction rows. Plain f
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import torch
@@ -63,17 +64,15 @@ def gathered_records(trainer, records: Sequence[dict[str, Any]]) -> list[dict[st
 
 
 def evaluation_metrics(records: Sequence[dict[str, Any]]) -> dict[str, float]:
-    """Means over the records: accuracy, reward, accuracy per perceptual group (the groups that have samples), and
-    ``mean@k`` / ``pass@k`` where the records carry them."""
-    def mean(key: str, group: int | None = None) -> list[float]:
-        return [r[key] for r in records if key in r and (group is None or r["perceptual_group"] == group)]
+    """Means over the records: accuracy, reward, accuracy per perceptual group (NaN for a group without samples: no
+    sample, no accuracy, rather than a 0 that reads as all wrong), and ``mean@k`` / ``pass@k`` where recorded."""
+    def mean(key: str, group: int | None = None) -> float:
+        values = [r[key] for r in records if key in r and (group is None or r["perceptual_group"] == group)]
+        return sum(values) / len(values) if values else math.nan
 
-    metrics = {}
-    for name, values in (("accuracy", mean("correct")), ("reward", mean("reward")),
-                         *((f"accuracy_perceptual_{k}", mean("correct", k)) for k in range(3)),
-                         ("mean@k", mean("mean@k")), ("pass@k", mean("pass@k"))):
-        if values:
-            metrics[name] = sum(values) / len(values)
+    metrics = {"accuracy": mean("correct"), "reward": mean("reward"),
+               **{f"accuracy_perceptual_{k}": mean("correct", k) for k in range(3)}}
+    metrics.update({name: mean(name) for name in ("mean@k", "pass@k") if any(name in r for r in records)})
     return metrics
 
 

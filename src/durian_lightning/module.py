@@ -21,7 +21,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 
-from ._distributed import average_gradients, mean_over_ranks, min_over_ranks, require_ddp
+from ._distributed import average_gradients, mean_over_ranks, min_over_ranks, require_ddp, stop_together
 from .advantages import AdvantageSettings, get_estimator
 from .answer_prior import answer_prior_accuracy, most_frequent_answers
 from .checkpointing import restore_rng_state, rng_states, seed_rank, trainable_state
@@ -173,21 +173,23 @@ class DurianGRPO(L.LightningModule):
         full_batch = getattr(self.trainer.train_dataloader, "batch_size", None) or len(batch["prompt"])
         rollout_batch_size, mini_batch_size = opt.batch_sizes(full_batch)
 
-        with self._timed("generate"):
-            generated = generate_rollouts(self.model, self.processor, batch["prompt"], batch["images"],
-                                          self.rollout.num_generations, self.rollout.sampling(),
-                                          self.rollout.max_prompt_length, batch["id"],
-                                          self.rollout.max_sequences_per_generate, self.image_features)
-        with self._timed("reward"):
-            scored = score_rollouts(generated, batch, self.reward, self.rollout.num_generations,
-                                    self.advantages.confidence_reduction, self.device)
+        with self._local_phase():
+            with self._timed("generate"):
+                generated = generate_rollouts(self.model, self.processor, batch["prompt"], batch["images"],
+                                              self.rollout.num_generations, self.rollout.sampling(),
+                                              self.rollout.max_prompt_length, batch["id"],
+                                              self.rollout.max_sequences_per_generate, self.image_features)
+            with self._timed("reward"):
+                scored = score_rollouts(generated, batch, self.reward, self.rollout.num_generations,
+                                        self.advantages.confidence_reduction, self.device)
         self._report_reward_failures(scored.reward_failures)
         if self.buffer is not None:
             scored = self._dynamic_sampling(scored, rollout_batch_size)
             if scored is None:
                 return None  # not yet a full batch of informative prompts on every rank
         # one optimizer step from one pass: the update's own log-probs are the old ones (see ppo_update)
-        scored = self._logprob_passes(scored, old=opt.ppo_epochs > 1 or mini_batch_size < scored.num_prompts)
+        with self._local_phase():
+            scored = self._logprob_passes(scored, old=opt.ppo_epochs > 1 or mini_batch_size < scored.num_prompts)
 
         with self._timed("advantages"):
             world = gather_global_batch(scored, self.trainer.world_size, self.global_rank, self._entropy_thresholds())
@@ -289,6 +291,17 @@ class DurianGRPO(L.LightningModule):
         self._grad_norms.append(float(norm))
 
     @contextlib.contextmanager
+    def _local_phase(self):
+        """A part of the step with no collective inside: an exception in it on one rank stops every rank right after
+        it, with that rank's message (:func:`._distributed.stop_together`), instead of hanging the others."""
+        error = None
+        try:
+            yield
+        except Exception as caught:  # noqa: BLE001 - every failure is handed on, on every rank
+            error = caught
+        stop_together(error, self.trainer.world_size if self._trainer is not None else 1, self.device)
+
+    @contextlib.contextmanager
     def _timed(self, phase: str):
         """Wall time of a phase of the step, logged as perf/<phase>_s (the step's cost breakdown)."""
         start = time.perf_counter()
@@ -335,13 +348,14 @@ class DurianGRPO(L.LightningModule):
         return score_rollouts(generated, batch, self.reward, k, self.advantages.confidence_reduction, self.device)
 
     def _evaluate(self, batch: dict[str, Any], stage: str) -> None:
-        scored = self._generate_once(batch)
-        records = sample_records(scored, batch, self.advantages.percentiles, self.perceptual_thresholds())
-        if k := self.evaluation.samples:
-            sampled = self._generate_once(batch, k, do_sample=True)
-            for name, values in sampled_accuracy(correctness(sampled), k).items():
-                for record, value in zip(records, values.tolist()):
-                    record[name] = value
+        with self._local_phase():
+            scored = self._generate_once(batch)
+            records = sample_records(scored, batch, self.advantages.percentiles, self.perceptual_thresholds())
+            if k := self.evaluation.samples:
+                sampled = self._generate_once(batch, k, do_sample=True)
+                for name, values in sampled_accuracy(correctness(sampled), k).items():
+                    for record, value in zip(records, values.tolist()):
+                        record[name] = value
         self.eval_records.extend(records)
         self._forget_image_features()
 
