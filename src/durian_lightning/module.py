@@ -37,7 +37,6 @@ from .evaluation import (
     sampled_accuracy,
 )
 from .global_batch import UpdateRecord, gather_global_batch
-from .step_metrics import StepMetrics, training_step_metrics
 from .image_features import ImageFeatures
 from .models.families import explain_fast_path_off, fast_path_verified
 from .models.loading import load_policy
@@ -53,6 +52,7 @@ from .settings import (
     RolloutSettings,
     as_settings,
 )
+from .step_metrics import StepMetrics, training_step_metrics
 from .update import UpdateBatch, ppo_update
 
 log = logging.getLogger(__name__)
