@@ -68,6 +68,7 @@ def test_recipes_mirror_the_papers_setup(capsys, config):
     loss = LossSettings(**model["loss"]).resolve(model["rollout"]["max_new_tokens"])
     assert loss.kl_coef == (0.0 if dapo else 0.01)
     assert model["lora"]["target_modules"] == LoraSettings().target_modules
+    assert (loss.rollout_correction, loss.rollout_correction_cap) == ("token", 2.0)  # bf16: see docs/method.md
 
 
 @pytest.mark.parametrize("args, kl_coef", [

@@ -177,3 +177,35 @@ def test_dr_grpo_divides_by_a_constant_not_by_the_batch_width():
     assert loss_at_width(3) == loss_at_width(50) == pytest.approx(-3 / 64)
     with pytest.raises(ValueError, match="normalizer must be > 0"):
         LossSettings(normalizer=0)
+
+
+def test_truncated_importance_weights_by_hand():
+    from durian_lightning.losses import truncated_importance_weights
+
+    proximal = torch.tensor([[-1.0, -2.0, -0.5], [-1.0, -1.0, 0.0]])
+    behaviour = torch.tensor([[-1.5, -1.0, -0.5], [-1.2, -0.9, 0.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    token = truncated_importance_weights(proximal, behaviour, mask, "token", cap=1.5)
+    # exp(0.5) = 1.6487 is capped at 1.5; exp(-1) = 0.3679; exp(0) = 1; exp(0.2) = 1.2214, exp(-0.1) = 0.9048; padding 0
+    torch.testing.assert_close(token, torch.tensor([[1.5, 0.36788, 1.0], [1.22140, 0.90484, 0.0]]), atol=1e-5, rtol=0)
+    sequence = truncated_importance_weights(proximal, behaviour, mask, "sequence", cap=1.5)
+    # row 0: exp(0.5 - 1 + 0) = exp(-0.5) = 0.6065 on each token; row 1: exp(0.2 - 0.1) = exp(0.1) = 1.1052
+    torch.testing.assert_close(sequence, torch.tensor([[0.60653, 0.60653, 0.60653], [1.10517, 1.10517, 0.0]]),
+                               atol=1e-5, rtol=0)
+
+
+def test_the_rollout_correction_weights_each_tokens_surrogate_and_is_the_identity_when_the_log_probs_agree():
+    from durian_lightning.losses import PolicyLossConfig, policy_loss
+
+    old = torch.tensor([[-1.0, -2.0], [-1.0, -1.0]])
+    recorded = torch.tensor([[-1.5, -1.0], [-1.0, -1.0]])
+    advantages, mask = torch.tensor([1.0, -2.0]), torch.ones(2, 2)
+    config = PolicyLossConfig(aggregation="token-mean", rollout_correction="token", rollout_correction_cap=2.0)
+    loss = policy_loss(old.clone(), old, advantages, mask, config=config, behaviour_logprobs=recorded).loss
+    # ratio 1, so each token's surrogate is -A: (-1 x exp(0.5) - 1 x exp(-1) + 2 x 1 + 2 x 1) / 4 tokens
+    assert float(loss) == pytest.approx((-1.64872 - 0.36788 + 2 + 2) / 4, abs=1e-5)
+    plain = policy_loss(old.clone(), old, advantages, mask, config=PolicyLossConfig(aggregation="token-mean")).loss
+    same = policy_loss(old.clone(), old, advantages, mask, config=config, behaviour_logprobs=old.clone()).loss
+    assert float(same) == float(plain) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="recorded while sampling"):
+        policy_loss(old.clone(), old, advantages, mask, config=config)

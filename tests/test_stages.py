@@ -158,3 +158,39 @@ def test_evaluation_counts_each_sample_once_whatever_the_sampler_repeats():
     assert metrics == pytest.approx({"accuracy": 1 / 3, "reward": 2 / 3, "accuracy_perceptual_0": 1.0,
                                      "accuracy_perceptual_2": 0.0, "mean@k": 0.25, "pass@k": 2 / 3})
     assert math.isnan(group_1)  # no sample in that group: NaN, not a 0 that reads as all wrong
+
+
+@pytest.mark.parametrize("with_old", [True, False])
+def test_the_update_measures_the_gap_between_recorded_and_recomputed_log_probs_once_per_token(with_old):
+    s = scored(["p0", "p1"], [1, 0, 0, 1], width=2)  # recorded while sampling: row r's tokens at -(r + 1)
+    s.rollout.completion_mask[3, 1] = 0  # a completion that ended after one token
+    shift = torch.tensor([[0.1, -0.2], [0.0, 0.3], [-0.5, 0.0], [0.05, 9.0]])  # the padded 9.0 must not count
+    recomputed = s.rollout.sampled_logprobs + shift
+    weight = torch.zeros(1, requires_grad=True)
+    logprobs = lambda rows: recomputed[rows] + weight  # noqa: E731  (the policy's forward, with a gradient)
+
+    def step() -> None:
+        weight.grad = None
+
+    old = recomputed.clone() if with_old else None
+    stats = ppo_update(UpdateBatch(s.rollout, torch.ones(4), G, old), logprobs, PolicyLossConfig(), 1 if with_old else 2,
+                       4, 3 if with_old else 1, lambda loss: loss.backward(), step)
+    # the 7 real tokens once each (not once per epoch): |0.1| + |-0.2| + 0 + 0.3 + 0.5 + 0 + 0.05 = 1.15
+    assert stats.gap_tokens == 7 and stats.gap_sum == pytest.approx(1.15, abs=1e-6)
+    assert stats.gap_max == pytest.approx(0.5)
+
+
+def test_the_update_weights_its_loss_by_the_recorded_log_probs_when_the_correction_is_on():
+    s = scored(["p0", "p1"], [1, 0, 0, 1], width=2)
+    advantages = torch.tensor([1.0, -1.0, 0.5, 2.0])
+
+    def loss(shift: float, correction: str) -> float:
+        recomputed = s.rollout.sampled_logprobs + shift  # the training forward, off by a constant
+        config = PolicyLossConfig(aggregation="token-mean", rollout_correction=correction)
+        return ppo_update(UpdateBatch(s.rollout, advantages, G), lambda rows: recomputed[rows].clone(), config, 2, 4, 1,
+                          lambda loss: None, lambda: None).loss
+
+    # ratio 1, so each token's surrogate is -A; with the correction weighted by min(exp(shift), 2)
+    assert loss(0.3, "none") == pytest.approx(-advantages.mean().item())
+    assert loss(0.3, "token") == pytest.approx(-advantages.mean().item() * math.exp(0.3), rel=1e-6)
+    assert loss(0.0, "token") == loss(0.0, "none")

@@ -87,6 +87,9 @@ def test_fit_and_validate_through_the_cli(tmp_path, model):
         assert name in columns, name
     entropies = [float(r["train/entropy"]) for r in rows if r.get("train/entropy")]
     assert entropies and all(0 < e <= math.log(len(cli.model.processor.tokenizer)) for e in entropies)
+    gaps = [(float(r["train/logprob_gap_mean"]), float(r["train/logprob_gap_max"])) for r in rows
+            if r.get("train/logprob_gap_mean")]
+    assert len(gaps) == 2 and all(0 <= mean <= high < 1e-4 for mean, high in gaps)  # float32: the same numbers
     assert (Path(trainer.log_dir) / "error_vs_difficulty.png").is_file()
     import json
 

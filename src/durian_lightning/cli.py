@@ -127,7 +127,8 @@ class DurianCLI(LightningCLI):
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "default.yaml"  # the checkout's (editable install)
 
 
-LOSS_OVERRIDES = [f.name for f in dataclasses.fields(LossSettings) if f.name != "preset"]
+# the preset's own knobs (None: the preset's value); settings beside the preset (rollout_correction) stay as given
+LOSS_OVERRIDES = [f.name for f in dataclasses.fields(LossSettings) if f.name != "preset" and f.default is None]
 
 
 def _names_a_config(args: list[str]) -> bool:

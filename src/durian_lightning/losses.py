@@ -21,6 +21,7 @@ import torch
 
 KLEstimator = Literal["k1", "k2", "k3", "low_var_kl"]
 Aggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]
+RolloutCorrection = Literal["none", "token", "sequence"]
 
 _MAX_LOG_RATIO = 20.0
 
@@ -88,6 +89,24 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: KL
     raise ValueError(f"estimator must be 'k1', 'k2', 'k3' or 'low_var_kl', got {estimator!r}")
 
 
+def truncated_importance_weights(
+    proximal: torch.Tensor, behaviour: torch.Tensor, mask: torch.Tensor, level: RolloutCorrection, cap: float
+) -> torch.Tensor:
+    """``(N, T)`` truncated importance-sampling weights from the behaviour policy (the log-probs ``generate`` recorded
+    while sampling) to the proximal one (the training forward's old log-probs): ``min(pi_prox / pi_behav, cap)`` per
+    token, or per sequence from the product of its tokens' ratios (the same weight on each of its tokens). They
+    correct for the two computing different numbers for the same policy (KV-cache decoding vs a full forward, bf16
+    kernels). Detached (a weight, not a path for gradients); 0 on padding."""
+    log_ratio = ((proximal - behaviour) * mask).detach().double()
+    if level == "token":
+        weights = log_ratio.exp()
+    elif level == "sequence":
+        weights = log_ratio.sum(dim=1, keepdim=True).exp().expand_as(log_ratio)
+    else:
+        raise ValueError(f"rollout_correction must be 'none', 'token' or 'sequence', got {level!r}")
+    return weights.clamp(max=cap).to(proximal.dtype) * mask
+
+
 def aggregation_numerator(
     token_loss: torch.Tensor, mask: torch.Tensor, mode: Aggregation = "token-mean", normalizer: float | None = None
 ) -> torch.Tensor:
@@ -153,6 +172,8 @@ class PolicyLossConfig:
     kl_estimator: KLEstimator = "k3"
     aggregation: Aggregation = "token-mean"
     normalizer: float | None = None
+    rollout_correction: RolloutCorrection = "none"  # truncated importance sampling from the recorded log-probs
+    rollout_correction_cap: float = 2.0
 
     @classmethod
     def preset(cls, name: Literal["grpo", "dapo"], **overrides) -> "PolicyLossConfig":
@@ -189,8 +210,12 @@ def policy_loss(
     ref_logprobs: torch.Tensor | None = None,
     config: PolicyLossConfig = PolicyLossConfig(),
     denominator: float | None = None,
+    behaviour_logprobs: torch.Tensor | None = None,
 ) -> PolicyLoss:
     """Clipped surrogate plus ``kl_coef`` times the KL estimate, both aggregated with ``config.aggregation``.
+
+    With ``config.rollout_correction`` the surrogate of each token is weighted by
+    :func:`truncated_importance_weights` from ``behaviour_logprobs`` (what the rollout recorded) to ``old_logprobs``.
 
     ``denominator`` is :func:`aggregation_denominator` of the whole batch when this call sees one micro-batch of it:
     the micro-batches' ``loss``, ``policy_loss`` and ``kl`` then add up exactly to the whole batch's. By default it is
@@ -203,6 +228,12 @@ def policy_loss(
         return aggregation_numerator(token_values, mask, config.aggregation, config.normalizer) / denominator
 
     surrogate = clipped_surrogate(logprobs, old_logprobs, advantages, config.eps_low, config.eps_high)
+    if config.rollout_correction != "none":
+        if behaviour_logprobs is None:
+            raise ValueError(f"rollout_correction={config.rollout_correction!r} needs the log-probs recorded while "
+                             "sampling (behaviour_logprobs)")
+        surrogate = surrogate * truncated_importance_weights(old_logprobs, behaviour_logprobs, mask,
+                                                             config.rollout_correction, config.rollout_correction_cap)
     token_loss = surrogate
     kl_value = logprobs.new_zeros(())
     if config.kl_coef > 0:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from .advantages import AdvantageSettings
-from .losses import Aggregation, KLEstimator, PolicyLossConfig
+from .losses import Aggregation, KLEstimator, PolicyLossConfig, RolloutCorrection
 from .models.loading import DEFAULT_LORA_TARGETS
 from .rewards import ON_ERROR, WeightedReward
 from .rollout import SamplingConfig
@@ -185,6 +185,10 @@ class LossSettings:
         aggregation: token-mean, seq-mean-token-mean or seq-mean-token-sum (overrides the preset).
     normalizer: the constant seq-mean-token-sum divides each sequence's token sum by (Dr. GRPO); default: the
         rollouts' max_new_tokens, so a sequence's loss never depends on how long its batch's other completions are.
+        rollout_correction: none, token or sequence: truncated importance sampling from the log-probs generate
+            recorded to the training forward's (docs/method.md); off by default (exact in float32), the bf16
+            recipes use token.
+        rollout_correction_cap: the weights' cap (truncation), > 0.
     """
 
     preset: Literal["grpo", "dapo"] = "grpo"
@@ -194,11 +198,17 @@ class LossSettings:
     kl_estimator: KLEstimator | None = None
     aggregation: Aggregation | None = None
     normalizer: float | None = None
+    rollout_correction: RolloutCorrection = "none"
+    rollout_correction_cap: float = 2.0
 
     def __post_init__(self) -> None:
         self.resolve(1)  # an unknown preset or a bad value fails here
         if self.normalizer is not None and not self.normalizer > 0:
             raise ValueError(f"loss.normalizer must be > 0, got {self.normalizer}")
+        if self.rollout_correction not in ("none", "token", "sequence"):
+            raise ValueError(f"loss.rollout_correction must be none, token or sequence, got {self.rollout_correction!r}")
+        if not self.rollout_correction_cap > 0:
+            raise ValueError(f"loss.rollout_correction_cap must be > 0, got {self.rollout_correction_cap}")
 
     def resolve(self, max_new_tokens: int) -> PolicyLossConfig:
         """The preset with the overrides applied (``max_new_tokens``: the default normalizer)."""
@@ -206,7 +216,8 @@ class LossSettings:
             ("eps_low", self.eps_low), ("eps_high", self.eps_high), ("kl_coef", self.kl_coef),
             ("kl_estimator", self.kl_estimator), ("aggregation", self.aggregation)) if value is not None}
         normalizer = float(self.normalizer if self.normalizer is not None else max_new_tokens)
-        return PolicyLossConfig.preset(self.preset, normalizer=normalizer, **overrides)
+        return PolicyLossConfig.preset(self.preset, normalizer=normalizer, rollout_correction=self.rollout_correction,
+                                       rollout_correction_cap=self.rollout_correction_cap, **overrides)
 
 
 @dataclass(frozen=True)

@@ -94,6 +94,7 @@ def training_step_metrics(scored, stats, grad_norms: list[float], phase_seconds:
                .low("train/completion_length_min", float(lengths.min())).high("train/completion_length_max",
                                                                                 float(lengths.max()))
                .mean("train/truncated_fraction", float((1 - rollout.ended.float()).sum()), rows))
+    metrics.mean("train/logprob_gap_mean", stats.gap_sum, stats.gap_tokens).high("train/logprob_gap_max", stats.gap_max)
     entropy = rollout.mean_token_entropy()  # per token: weighted by this rank's tokens
     metrics.mean("train/entropy", entropy * float(mask.sum()), float(mask.sum()))
     for name, values in scored.reward_components.items():

@@ -42,6 +42,11 @@ class UpdateStats:
     clip_fraction_high: float  # ... and at 1 + eps_high
     optimizer_steps: int
     tokens: float = 0.0  # real tokens over every pass (what the clip fractions are shares of)
+    # |log-prob recorded while sampling - the training forward's| on the same tokens, before any optimizer step moved
+    # the policy (the old log-probs, or the one step's own): its sum over gap_tokens tokens, and its max
+    gap_sum: float = 0.0
+    gap_max: float = 0.0
+    gap_tokens: float = 0.0
 
     @property
     def clip_fraction(self) -> float:
@@ -76,8 +81,9 @@ def ppo_update(
         raise ValueError("old_logprobs are needed when a batch feeds more than one optimizer step")
     mask = batch.rollout.completion_mask.to(batch.advantages.device)
     step_losses, step_kls = [], []
-    clipped_low = clipped_high = tokens = 0.0
-    for _ in range(ppo_epochs):
+    clipped_low = clipped_high = tokens = gap_sum = gap_max = gap_tokens = 0.0
+    behaviour = batch.rollout.sampled_logprobs
+    for epoch in range(ppo_epochs):
         for first in range(0, num_prompts, mini_batch_size):
             rows = torch.arange(first * g, min(num_prompts, first + mini_batch_size) * g)
             denominator = mean_over_ranks(aggregation_denominator(mask[rows], loss_config.aggregation))
@@ -86,7 +92,13 @@ def ppo_update(
                 current = logprobs(chunk)
                 old = current.detach() if batch.old_logprobs is None else batch.old_logprobs[chunk]
                 ref = None if batch.ref_logprobs is None else batch.ref_logprobs[chunk]
-                out = policy_loss(current, old, batch.advantages[chunk], mask[chunk], ref, loss_config, denominator)
+                recorded = None if behaviour is None else behaviour[chunk].to(current.device, current.dtype)
+                out = policy_loss(current, old, batch.advantages[chunk], mask[chunk], ref, loss_config, denominator,
+                                  recorded)
+                if recorded is not None and epoch == 0:  # every row once, under the policy that sampled it
+                    gap = (old.detach() - recorded).abs() * mask[chunk]
+                    gap_sum, gap_max = gap_sum + float(gap.sum()), max(gap_max, float(gap.max()))
+                    gap_tokens += float(mask[chunk].sum())
                 backward(out.loss)
                 step_loss += float(out.loss.detach())
                 step_kl += float(out.kl)
@@ -100,5 +112,5 @@ def ppo_update(
     return UpdateStats(
         loss=sum(step_losses) / len(step_losses), kl=sum(step_kls) / len(step_kls),
         clip_fraction_low=clipped_low / max(tokens, 1.0), clip_fraction_high=clipped_high / max(tokens, 1.0),
-        optimizer_steps=len(step_losses), tokens=tokens,
+        optimizer_steps=len(step_losses), tokens=tokens, gap_sum=gap_sum, gap_max=gap_max, gap_tokens=gap_tokens,
     )
