@@ -69,7 +69,9 @@ def ppo_update(
     ``logprobs(rows)`` gives the current policy's ``(len(rows), T)`` completion log-probs with gradients;
     ``backward(loss)`` accumulates gradients; ``optimizer_step()`` applies them and zeroes them (gradients must be
     zero on entry). ``mini_batch_size`` is in prompts, ``micro_batch_size`` in rollouts. ``mean_over_ranks`` (a
-    collective under data parallelism) gives the mini-batch's loss denominator every rank uses.
+    collective under data parallelism) gives the mini-batch's loss denominator every rank uses. The rollout's recorded
+    sampling log-probs are the behaviour policy: compared with the old ones (``gap_*`` statistics) and, with
+    ``loss_config.rollout_correction``, the weights' denominator.
 
     Without ``old_logprobs`` the update is on-policy: its single optimizer step uses its own forward's detached
     log-probs as the old ones, which is exact (the weights have not moved, the ratio is 1) and saves a forward pass.
