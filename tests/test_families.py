@@ -219,3 +219,42 @@ def test_a_model_the_library_cannot_drive_is_named_with_what_to_do(tmp_path):
     processor.save_pretrained(tmp_path / "no-template")
     with pytest.raises(ValueError, match="model type 'gemma3'.* has no chat template"):
         load_policy(str(tmp_path / "no-template"))
+
+
+def record_generate_caches(model, monkeypatch) -> list:
+    """The ``cache_implementation`` each ``generate`` call of ``model`` gets (None: transformers' dynamic default)."""
+    seen, original = [], type(model).generate
+
+    def recording(self, *args, **kwargs):
+        seen.append(kwargs.get("cache_implementation"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "generate", recording)
+    return seen
+
+
+def test_the_static_cache_decodes_exactly_as_the_dynamic_one_where_it_is_on(family, monkeypatch):
+    model, processor = load(family)
+    caches = record_generate_caches(model, monkeypatch)
+    greedy, pictures = dict(max_new_tokens=6, do_sample=False), images()  # images() draws new noise each call
+    dynamic, static = (generate_rollouts(model, processor, prompts(processor), pictures, 2,
+                                         SamplingConfig(**greedy, cache_implementation=impl)) for impl in ("dynamic", "static"))
+    assert family.static_cache and caches == [None, "static"]  # every family so far; a False one falls back (below)
+    assert torch.equal(static.completion_ids, dynamic.completion_ids)
+    torch.testing.assert_close(static.sampled_logprobs, dynamic.sampled_logprobs, atol=1e-5, rtol=1e-5)
+
+
+def test_an_unverified_family_decodes_with_the_dynamic_cache(monkeypatch, caplog):
+    from durian_lightning.models import families
+
+    family = FAMILIES["llava"]
+    monkeypatch.setitem(families.FAMILIES, "llava", dataclasses.replace(family, static_cache=False))
+    monkeypatch.setattr(families, "_STATIC_CACHE_EXPLAINED", set())
+    model, processor = load(family)
+    seen = record_generate_caches(model, monkeypatch)
+    with caplog.at_level(logging.INFO):
+        for _ in range(2):
+            generate_rollouts(model, processor, prompts(processor), images(), 2,
+                              SamplingConfig(max_new_tokens=2, cache_implementation="static"))
+    assert seen == [None, None]
+    assert caplog.text.count("static_cache is off for model type 'llava'") == 1  # said once, not every step

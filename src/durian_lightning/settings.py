@@ -80,6 +80,9 @@ class RolloutSettings:
         share_prompt_prefill: in the log-prob passes, run each prompt once for all its rows in a micro-batch and only
             the completions per row (shared_prefill.py; exact; off under gradient checkpointing); False runs every
             row's prompt.
+        cache_implementation: dynamic (transformers' default, grows with the tokens) or static (preallocated for
+            max_new_tokens, which CUDA graphs / torch.compile need); static runs only for the families the
+            conformance suite shows equal to dynamic, the others fall back to dynamic with an info line.
     """
 
     num_generations: int = 8
@@ -91,8 +94,11 @@ class RolloutSettings:
     max_sequences_per_generate: int | None = None
     reuse_image_features: bool = True
     share_prompt_prefill: bool = True
+    cache_implementation: Literal["dynamic", "static"] = "dynamic"
 
     def __post_init__(self) -> None:
+        if self.cache_implementation not in ("dynamic", "static"):
+            raise ValueError(f"rollout.cache_implementation must be dynamic or static, got {self.cache_implementation!r}")
         if self.max_sequences_per_generate is not None:
             _at_least("max_sequences_per_generate", self.max_sequences_per_generate, 1)
         if self.num_generations < 2:
@@ -110,7 +116,8 @@ class RolloutSettings:
             )
 
     def sampling(self) -> SamplingConfig:
-        return SamplingConfig(self.max_new_tokens, self.temperature, self.top_p, self.top_k, do_sample=True)
+        return SamplingConfig(self.max_new_tokens, self.temperature, self.top_p, self.top_k, do_sample=True,
+                              cache_implementation=self.cache_implementation)
 
 
 @dataclass(frozen=True)
@@ -139,7 +146,7 @@ class EvaluationSettings:
     def sampling(self, rollout: RolloutSettings, do_sample: bool | None = None) -> SamplingConfig:
         do_sample = self.do_sample if do_sample is None else do_sample
         return SamplingConfig(self.max_new_tokens or rollout.max_new_tokens, rollout.temperature, self.top_p,
-                              self.top_k, do_sample=do_sample)
+                              self.top_k, do_sample=do_sample, cache_implementation=rollout.cache_implementation)
 
 
 @dataclass(frozen=True)

@@ -16,13 +16,15 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Family:
     """``reuse_image_features``: images encoded once per step (:mod:`durian_lightning.image_features`);
-    ``share_prompt_prefill``: a prompt's prefill run once for its rows (:mod:`durian_lightning.shared_prefill`)."""
+    ``share_prompt_prefill``: a prompt's prefill run once for its rows (:mod:`durian_lightning.shared_prefill`);
+    ``static_cache``: ``rollout.cache_implementation: static`` decodes exactly as the dynamic cache does."""
 
     model_type: str  # transformers' config.model_type
     name: str  # as people call it
     reuse_image_features: bool = False
     share_prompt_prefill: bool = False
     limits: str = ""
+    static_cache: bool = True  # every family so far (the suite checks each one)
 
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in (
@@ -56,6 +58,19 @@ def fast_path_verified(model, path: str) -> bool:
     """Whether the suite showed ``path`` (a :class:`Family` field) exact for this model's family."""
     family = FAMILIES.get(model_type(model))
     return bool(family is not None and getattr(family, path))
+
+
+_STATIC_CACHE_EXPLAINED: set = set()
+
+
+def static_cache_verified(model) -> bool:
+    """Whether the static KV cache may decode for this model; says once per model type why not, where not."""
+    if fast_path_verified(model, "static_cache"):
+        return True
+    if model_type(model) not in _STATIC_CACHE_EXPLAINED:
+        _STATIC_CACHE_EXPLAINED.add(model_type(model))
+        explain_fast_path_off(model, "static_cache")
+    return False
 
 
 def explain_fast_path_off(model, path: str) -> None:
