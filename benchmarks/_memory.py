@@ -14,6 +14,19 @@ def resident_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def held_mb() -> float:
+    """Memory held now: torch's allocation on a GPU, the resident set on the CPU."""
+    return torch.cuda.memory_allocated() / 2**20 if torch.cuda.is_available() else resident_mb()
+
+
+def measuring_env(folder) -> dict[str, str]:
+    """The environment for a child process that measures memory: this folder importable (``_memory``), and glibc
+    serving every block over 128 KB by mmap, so freed memory leaves the resident set at once instead of staying in
+    the allocator's free lists."""
+    return {**os.environ, "PYTHONPATH": f"{folder}:{os.environ.get('PYTHONPATH', '')}",
+            "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+
+
 class PeakMemory:
     """On a GPU: torch's peak allocation since :meth:`start`. On the CPU: the peak resident set, sampled by a
     thread every ``interval`` seconds (freed memory leaves the resident set, so a high-water mark alone would miss
@@ -29,9 +42,9 @@ class PeakMemory:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-            self.baseline_mb = torch.cuda.memory_allocated() / 2**20
+            self.baseline_mb = held_mb()
             return
-        self.baseline_mb = self.peak_mb = resident_mb()
+        self.baseline_mb = self.peak_mb = held_mb()
         self._sampling = True
         threading.Thread(target=self._sample, daemon=True).start()
 

@@ -57,6 +57,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         return _child(args.child[0], args.prompts, args.generations, args.new_tokens, int(args.child[1]))
+    from _memory import measuring_env  # benchmarks/, the script's folder
     from durian_lightning.models import build_tiny_llava
 
     rows = args.prompts * args.generations
@@ -66,8 +67,7 @@ def main() -> None:
         model, processor = build_tiny_llava(text_hidden=256, num_layers=4)
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
-        env = {**os.environ, "PYTHONPATH": f"{Path(__file__).parent}:{os.environ.get('PYTHONPATH', '')}",
-               "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+        env = measuring_env(Path(__file__).parent)
         runs: dict[int, list[dict]] = {s: [] for s in settings}
         for _ in range(args.repeats):
             for per_call in settings:  # in turns, so machine noise falls on every setting

@@ -32,19 +32,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 SETTINGS = ("previous", "cold float32", "cold bfloat16", "warm")
 
 
-def _held_mb() -> float:
-    import torch
-
-    from _memory import resident_mb
-
-    return torch.cuda.memory_allocated() / 2**20 if torch.cuda.is_available() else resident_mb()
-
-
 def _child(model: str, data: str, cache: str, setting: str) -> None:
     import torch
     from PIL import Image
 
-    from _memory import PeakMemory
+    from _memory import PeakMemory, held_mb
     from durian_lightning.data import MultimodalReasoningDataModule, SpectralEntropyScorer
     from durian_lightning.data import datamodule as datamodule_module
 
@@ -62,7 +54,7 @@ def _child(model: str, data: str, cache: str, setting: str) -> None:
     dm = MultimodalReasoningDataModule(data, model_name_or_path=model, cache_dir=cache, progress=False, dtype=dtype)
     kept = None
     gc.collect()
-    baseline = _held_mb()
+    baseline = held_mb()
     memory = PeakMemory(interval=0.002)
     memory.start()
     if setting == "previous":
@@ -77,7 +69,7 @@ def _child(model: str, data: str, cache: str, setting: str) -> None:
         dm.setup()
     peak = memory.stop()
     gc.collect()
-    held = _held_mb() - baseline
+    held = held_mb() - baseline
     print(json.dumps({"peak_added_mb": peak["added_mb"], "held_after_mb": held, "weights_loaded_mb": sum(weights) / 2**20,
                       "kept": kept is not None}))
 
@@ -97,6 +89,7 @@ def main() -> None:
     import torch
     from PIL import Image
 
+    from _memory import measuring_env
     from durian_lightning.models.tiny import build_tiny_qwen2_5_vl
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -115,8 +108,7 @@ def main() -> None:
             Image.effect_noise((224, 224), 20 + 5 * i).convert("RGB").save(data / f"{i}.png")
             rows.append(json.dumps({"images": [f"{i}.png"], "problem": "How many?", "answer": "1"}))
         (data / "train.jsonl").write_text("\n".join(rows) + "\n")
-        env = {**os.environ, "PYTHONPATH": f"{Path(__file__).parent}:{os.environ.get('PYTHONPATH', '')}",
-               "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+        env = measuring_env(Path(__file__).parent)
 
         def child(cache: str, setting: str) -> dict:
             out = subprocess.run([sys.executable, __file__, "--child", str(model_dir), str(data), cache, setting],

@@ -17,9 +17,9 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from ._distributed import STOPPED_TOGETHER, extremes_over_ranks
 from .advantages import Advantages, consecutive_prompt_index, grpo_advantages
 from .difficulty import perceptual_groups
-from ._distributed import STOPPED_TOGETHER, extremes_over_ranks
 from .evaluation import gathered_records
 from .rewards import RewardError
 

@@ -13,6 +13,7 @@ from .difficulty import perceptual_groups
 from .rewards import extract_answer
 from .scoring import ScoredRollouts
 
+
 def correctness(scored: ScoredRollouts) -> torch.Tensor:
     """The accuracy reward when there is one, else the total reward."""
     return scored.reward_components.get("accuracy", scored.rewards)
