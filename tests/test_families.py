@@ -246,15 +246,17 @@ def test_the_static_cache_decodes_exactly_as_the_dynamic_one_where_it_is_on(fami
 
 def test_an_unverified_family_decodes_with_the_dynamic_cache(monkeypatch, caplog):
     from durian_lightning.models import families
+    from durian_lightning.module import DurianGRPO
+    from durian_lightning.settings import RolloutSettings
 
     family = FAMILIES["llava"]
     monkeypatch.setitem(families.FAMILIES, "llava", dataclasses.replace(family, static_cache=False))
-    monkeypatch.setattr(families, "_STATIC_CACHE_EXPLAINED", set())
-    model, processor = load(family)
-    seen = record_generate_caches(model, monkeypatch)
+    module = DurianGRPO("tiny:llava", rollout=RolloutSettings(cache_implementation="static"))
     with caplog.at_level(logging.INFO):
+        module.configure_model()
+        seen = record_generate_caches(module.model, monkeypatch)
         for _ in range(2):
-            generate_rollouts(model, processor, prompts(processor), images(), 2,
+            generate_rollouts(module.model, module.processor, prompts(module.processor), images(), 2,
                               SamplingConfig(max_new_tokens=2, cache_implementation="static"))
     assert seen == [None, None]
-    assert caplog.text.count("static_cache is off for model type 'llava'") == 1  # said once, not every step
+    assert caplog.text.count("rollout.cache_implementation: static is off for model type 'llava'") == 1  # once

@@ -21,7 +21,7 @@ from PIL import Image
 from transformers import GenerationConfig, LogitsProcessor
 
 from .image_features import ImageFeatures
-from .models.families import static_cache_verified
+from .models.families import fast_path_verified
 from .shared_prefill import can_share_prefill, distinct_prompts, shared_prefill_logits
 
 
@@ -251,7 +251,7 @@ def _generate(model, processor, rows_prompts, rows_images, sampling: SamplingCon
                   pad_token_id=processor.tokenizer.pad_token_id, logits_processor=[recorder])
     if sampling.do_sample:
         kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
-    if sampling.cache_implementation == "static" and static_cache_verified(model):
+    if sampling.cache_implementation == "static" and fast_path_verified(model, "static_cache"):
         kwargs["cache_implementation"] = "static"
     with evaluation_mode(model), _neutral_generation_config(model):
         output = model.generate(**inputs, **kwargs)

@@ -60,19 +60,6 @@ def fast_path_verified(model, path: str) -> bool:
     return bool(family is not None and getattr(family, path))
 
 
-_STATIC_CACHE_EXPLAINED: set = set()
-
-
-def static_cache_verified(model) -> bool:
-    """Whether the static KV cache may decode for this model; says once per model type why not, where not."""
-    if fast_path_verified(model, "static_cache"):
-        return True
-    if model_type(model) not in _STATIC_CACHE_EXPLAINED:
-        _STATIC_CACHE_EXPLAINED.add(model_type(model))
-        explain_fast_path_off(model, "static_cache")
-    return False
-
-
 def explain_fast_path_off(model, path: str) -> None:
     """The info line for a fast path left off because the model's family is not verified for it."""
     kind = model_type(model)
