@@ -244,6 +244,46 @@ def test_the_static_cache_decodes_exactly_as_the_dynamic_one_where_it_is_on(fami
     torch.testing.assert_close(static.sampled_logprobs, dynamic.sampled_logprobs, atol=1e-5, rtol=1e-5)
 
 
+def record_forward_shapes(model) -> list[tuple[int, int]]:
+    """The ``input_ids`` shape of every forward of the transformers model under ``model`` (generate's steps too)."""
+    shapes = []
+    model.get_base_model().register_forward_hook(
+        lambda module, args, kwargs, out: shapes.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True)
+    return shapes
+
+
+def test_generate_prefills_each_prompt_once_and_decodes_as_if_every_row_ran_it(family):
+    model, processor = load(family)
+    shapes = record_forward_shapes(model)
+    greedy, pictures = SamplingConfig(max_new_tokens=6, do_sample=False), images()
+    plain = generate_rollouts(model, processor, prompts(processor), pictures, 3, dataclasses.replace(greedy, share_prefill=False))
+    rows, width = shapes[0]
+    assert rows == 6
+    for features in (None, ImageFeatures(model, processor)):
+        shapes.clear()
+        shared = generate_rollouts(model, processor, prompts(processor), pictures, 3, greedy, image_features=features)
+        assert family.share_generate_prefill and shapes[:2] == [(2, width - 1), (6, 1)]  # each prompt once, then rows
+        assert torch.equal(shared.completion_ids, plain.completion_ids)
+        torch.testing.assert_close(shared.sampled_logprobs, plain.sampled_logprobs, atol=1e-5, rtol=1e-5)
+
+
+def test_generate_prefills_every_row_where_sharing_is_not_verified_or_a_prompt_ends_in_an_image(monkeypatch):
+    from durian_lightning.models import families
+
+    model, processor = load(FAMILIES["llava"])
+    shapes = record_forward_shapes(model)
+    greedy, pictures = SamplingConfig(max_new_tokens=2, do_sample=False), images()[1:]
+    ends_in_image = [prompts(processor)[1] + processor.image_token]  # its last token is an image placeholder
+    plain = generate_rollouts(model, processor, ends_in_image, [pictures[0] * 2], 2, dataclasses.replace(greedy, share_prefill=False))
+    shapes.clear()
+    shared = generate_rollouts(model, processor, ends_in_image, [pictures[0] * 2], 2, greedy)
+    assert shapes[0][0] == 2 and torch.equal(shared.completion_ids, plain.completion_ids)
+    monkeypatch.setitem(families.FAMILIES, "llava", dataclasses.replace(FAMILIES["llava"], share_generate_prefill=False))
+    shapes.clear()
+    generate_rollouts(model, processor, prompts(processor)[1:], pictures, 2, greedy)
+    assert shapes[0][0] == 2
+
+
 def test_an_unverified_family_decodes_with_the_dynamic_cache(monkeypatch, caplog):
     from durian_lightning.models import families
     from durian_lightning.module import DurianGRPO

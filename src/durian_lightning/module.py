@@ -130,7 +130,7 @@ class DurianGRPO(L.LightningModule):
             self.reference = ReferencePolicy(self.model, lora=self.lora.enabled)
         self.image_features = ImageFeatures(self.model, self.processor, self.rollout.reuse_image_features)
         if self.rollout.share_prompt_prefill and not fast_path_verified(self.model, "share_prompt_prefill"):
-            explain_fast_path_off(self.model, "rollout.share_prompt_prefill")
+            explain_fast_path_off(self.model, "rollout.share_prompt_prefill in the log-prob passes")
         if self.rollout.cache_implementation == "static" and not fast_path_verified(self.model, "static_cache"):
             explain_fast_path_off(self.model, "rollout.cache_implementation: static")  # generate keeps dynamic
 

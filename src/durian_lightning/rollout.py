@@ -13,6 +13,7 @@ is passed (see there).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -22,7 +23,8 @@ from transformers import GenerationConfig, LogitsProcessor
 
 from .image_features import ImageFeatures
 from .models.families import fast_path_verified
-from .shared_prefill import can_share_prefill, distinct_prompts, shared_prefill_logits
+from .shared_prefill import (can_share_generate_prefill, can_share_prefill, distinct_prompts, prefilled_generate_inputs,
+                             shared_prefill_logits)
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,7 @@ class SamplingConfig:
     top_k: int = 0
     do_sample: bool = True
     cache_implementation: str = "dynamic"  # or "static", for the families verified (models/families.py)
+    share_prefill: bool = True  # each prompt prefilled once for its rows, where verified (dynamic cache only)
 
 
 @dataclass(frozen=True)
@@ -239,11 +242,20 @@ def evaluation_mode(model):
 
 def _generate(model, processor, rows_prompts, rows_images, sampling: SamplingConfig, max_prompt_length, rows_ids,
               image_features: ImageFeatures | None) -> Rollout:
-    """One batched ``generate`` call over these rows."""
-    encoded = encode_prompts(processor, rows_prompts, rows_images, max_prompt_length, rows_ids)
+    """One batched ``generate`` call over these rows; each distinct prompt prefilled once where that is verified."""
+    static = sampling.cache_implementation == "static" and fast_path_verified(model, "static_cache")
+    firsts, index = ([], []) if static or not (sampling.share_prefill and can_share_generate_prefill(model)) \
+        else distinct_prompts(rows_prompts, rows_images)
+    shared = 0 < len(firsts) < len(rows_prompts)
+    if shared:  # encode (and check the length of) each distinct prompt once
+        encoded = encode_prompts(processor, [rows_prompts[i] for i in firsts], [rows_images[i] for i in firsts],
+                                 max_prompt_length, None if rows_ids is None else [rows_ids[i] for i in firsts])
+    else:
+        encoded = encode_prompts(processor, rows_prompts, rows_images, max_prompt_length, rows_ids)
     device = next(model.parameters()).device
     encoded = encoded.to(device)
-    inputs = image_features.model_inputs(encoded, rows_images) if image_features is not None else dict(encoded)
+    encoded_images = [rows_images[i] for i in firsts] if shared else rows_images
+    inputs = image_features.model_inputs(encoded, encoded_images) if image_features is not None else dict(encoded)
     eos_ids = _eos_ids(model, processor.tokenizer)
     temperature = sampling.temperature if sampling.do_sample else 1.0
     recorder = SampledTokenLogprobs(temperature, multimodal_token_ids(model))
@@ -251,11 +263,18 @@ def _generate(model, processor, rows_prompts, rows_images, sampling: SamplingCon
                   pad_token_id=processor.tokenizer.pad_token_id, logits_processor=[recorder])
     if sampling.do_sample:
         kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
-    if sampling.cache_implementation == "static" and fast_path_verified(model, "static_cache"):
+    if static:
         kwargs["cache_implementation"] = "static"
+    if shared:
+        with evaluation_mode(model):
+            rows_inputs = prefilled_generate_inputs(model, inputs, index, multimodal_token_ids(model))
+        if rows_inputs is None:  # a prompt ends in an image token: every row runs its prompt
+            return _generate(model, processor, rows_prompts, rows_images,
+                             dataclasses.replace(sampling, share_prefill=False), max_prompt_length, rows_ids, image_features)
+        inputs = rows_inputs
     with evaluation_mode(model), _neutral_generation_config(model):
         output = model.generate(**inputs, **kwargs)
-    completion_ids = output[:, encoded["input_ids"].shape[1] :]
+    completion_ids = output[:, inputs["input_ids"].shape[1] :]
     mask = completion_mask_after_eos(completion_ids, eos_ids)
     sampled_logprobs = recorder.finish(completion_ids) * mask
     token_entropy = recorder.entropy(completion_ids) * mask

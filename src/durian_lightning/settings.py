@@ -77,9 +77,10 @@ class RolloutSettings:
             grows with rows x tokens, so this bounds a step's peak memory (default: the whole batch in one call).
         reuse_image_features: encode each image once per step and reuse its features in generation and every
             log-prob pass, when nothing on the image path trains (image_features.py); False encodes in every pass.
-        share_prompt_prefill: in the log-prob passes, run each prompt once for all its rows in a micro-batch and only
-            the completions per row (shared_prefill.py; exact; off under gradient checkpointing); False runs every
-            row's prompt.
+        share_prompt_prefill: run each prompt once for all its rows: in ``generate`` (the G copies of a prompt start
+            from one prefill; with the dynamic cache) and in the log-prob passes (each prompt once per micro-batch,
+            then only the completions per row; off under gradient checkpointing). shared_prefill.py; exact where on;
+            False runs every row's prompt.
         cache_implementation: dynamic (transformers' default, grows with the tokens) or static (preallocated for
             max_new_tokens, which CUDA graphs / torch.compile need); static runs only for the families the
             conformance suite shows equal to dynamic, the others fall back to dynamic with an info line.
@@ -117,7 +118,7 @@ class RolloutSettings:
 
     def sampling(self) -> SamplingConfig:
         return SamplingConfig(self.max_new_tokens, self.temperature, self.top_p, self.top_k, do_sample=True,
-                              cache_implementation=self.cache_implementation)
+                              cache_implementation=self.cache_implementation, share_prefill=self.share_prompt_prefill)
 
 
 @dataclass(frozen=True)
@@ -146,7 +147,8 @@ class EvaluationSettings:
     def sampling(self, rollout: RolloutSettings, do_sample: bool | None = None) -> SamplingConfig:
         do_sample = self.do_sample if do_sample is None else do_sample
         return SamplingConfig(self.max_new_tokens or rollout.max_new_tokens, rollout.temperature, self.top_p,
-                              self.top_k, do_sample=do_sample, cache_implementation=rollout.cache_implementation)
+                              self.top_k, do_sample=do_sample, cache_implementation=rollout.cache_implementation,
+                              share_prefill=rollout.share_prompt_prefill)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,8 @@
-"""Each prompt's prefill run once for all its rollouts in a log-prob pass.
+"""Each prompt's prefill run once for all its rollouts: in ``generate`` and in a log-prob pass.
+
+``generate`` (:func:`prefilled_generate_inputs`): the distinct prompts of a call run once, all but their last token,
+with the KV cache on; the cache (and Qwen-VL's per-row ``rope_deltas``) is gathered to the G rows of each prompt and
+``generate`` continues from it, so its first step runs the last prompt token on every row and then decodes as usual.
 
 A rollout batch holds every prompt G times, and the prompt (image tokens, system prompt, question) is most of each
 row. A log-prob pass (the policy's with gradients, the old policy's, the reference's) over the rows of a micro-batch
@@ -23,6 +27,13 @@ import torch
 
 from .image_features import inner_model
 from .models.families import fast_path_verified
+
+
+def can_share_generate_prefill(model) -> bool:
+    """``generate`` may start from a shared prefill: the family is verified and transformers computes generation
+    positions with the hook used for the prefill's (sampling is in eval mode: no dropout, no checkpointing)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return fast_path_verified(model, "share_generate_prefill") and hasattr(base, "_prepare_position_ids_for_generation")
 
 
 def can_share_prefill(model) -> bool:
@@ -58,6 +69,41 @@ def distinct_prompts(prompts: Sequence[str], images: Sequence[Sequence[object]])
             firsts.append(row)
         index.append(numbers[key])
     return firsts, index
+
+
+def prefilled_generate_inputs(model, prompt_inputs: dict, index: Sequence[int],
+                              placeholder_token_ids: Sequence[int]) -> dict | None:
+    """``generate`` keyword arguments for the rows, starting from one prefill of each distinct prompt.
+
+    ``prompt_inputs``: the model inputs of the distinct prompts (left-padded to width P, as the rows would be);
+    ``index``: each row's prompt (:func:`distinct_prompts`). The prompts run over their first P - 1 tokens (images
+    included); the rows get their prompt's cache, their token inputs over all P tokens and no pixels: ``generate``
+    then runs only the uncached last token. ``None`` when a prompt's last token is not text (it would need its image
+    in the continuation): the caller takes the plain path.
+    """
+    ids = prompt_inputs["input_ids"]
+    if bool(torch.isin(ids[:, -1], torch.tensor(list(placeholder_token_ids), device=ids.device)).any()):
+        return None
+    per_token = [key for key, value in prompt_inputs.items()
+                 if isinstance(value, torch.Tensor) and value.shape == ids.shape]
+    if any(key.endswith("token_type_ids") and bool(prompt_inputs[key][:, -1].any()) for key in per_token):
+        return None
+    index = torch.as_tensor(index, device=ids.device)
+    prefix = {key: (value[:, :-1] if key in per_token else value) for key, value in prompt_inputs.items()}
+    # the positions generate would give these tokens (from the attention mask: left padding shifts them; Qwen-VL's
+    # M-RoPE from the image grids, which also sets its rope_deltas)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # its generate's own hook
+    prefix["position_ids"] = base._prepare_position_ids_for_generation(prefix["input_ids"], dict(prefix))
+    out = model(**prefix, use_cache=True, logits_to_keep=1)
+    cache_name = "cache" if hasattr(out, "cache") else "past_key_values"  # as in shared_prefill_logits
+    cache = getattr(out, cache_name)
+    cache.reorder_cache(index)  # gathers every layer's state to the rows (recurrent layers' too, unlike batch_select)
+    inner = inner_model(model)
+    if isinstance(getattr(inner, "rope_deltas", None), torch.Tensor):  # Qwen-VL: per prompt row, set by the prefill
+        inner.rope_deltas = inner.rope_deltas[index]
+    rows = {key: prompt_inputs[key][index] for key in per_token}
+    rows[cache_name] = cache
+    return rows
 
 
 def _rope_positions(model, prompt_inputs: dict, index: torch.Tensor, images_per_prompt: Sequence[int],

@@ -17,6 +17,7 @@ log = logging.getLogger(__name__)
 class Family:
     """``reuse_image_features``: images encoded once per step (:mod:`durian_lightning.image_features`);
     ``share_prompt_prefill``: a prompt's prefill run once for its rows (:mod:`durian_lightning.shared_prefill`);
+    ``share_generate_prefill``: ``generate`` prefills each prompt once for its rows (the same module);
     ``static_cache``: ``rollout.cache_implementation: static`` decodes exactly as the dynamic cache does."""
 
     model_type: str  # transformers' config.model_type
@@ -25,6 +26,7 @@ class Family:
     share_prompt_prefill: bool = False
     limits: str = ""
     static_cache: bool = True  # every family so far (the suite checks each one)
+    share_generate_prefill: bool = True  # likewise
 
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in (
