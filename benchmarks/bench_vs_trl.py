@@ -20,8 +20,10 @@ Sides:
 * ``ours-durian`` DurianGRPO with estimator=durian (adds the confidence grouping; entropies come from the cache)
 * ``ours-grpo-encode-every-pass``  ours-grpo with ``rollout.reuse_image_features: false``: the vision tower runs on
                   every row of every pass, as before images were encoded once per step (the before of that change)
-* ``ours-grpo-prefill-per-row``  ours-grpo with ``rollout.share_prompt_prefill: false``: the log-prob passes run every
-                  row's prompt, as before a prompt's prefill was shared by its rollouts (the before of that change)
+* ``ours-grpo-prefill-per-row``  ours-grpo with ``rollout.share_prompt_prefill: false``: generate and the log-prob
+                  passes run every row's prompt, as before a prompt's prefill was shared by its rollouts
+* ``ours-grpo-generate-prefill-per-row``  ours-grpo with only ``generate`` prefilling every row (the log-prob passes
+                  still share): the before of sharing generate's prefill, run by marking the family unverified for it
 * ``trl-grpo``    trl.GRPOTrainer with scale_rewards="group", loss_type="grpo", beta=0
 
 Every side runs in its own process (peak memory is per process), the sides alternate ``--repeats`` times, and the
@@ -50,7 +52,10 @@ PROMPTS, G, LR = 8, 8, 1e-3
 LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0,
             target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)")
 # ours-grpo with one speed-up switched off: the "before" of that change, measured in the same run
-BEFORE = {"encode-every-pass": {"reuse_image_features": False}, "prefill-per-row": {"share_prompt_prefill": False}}
+BEFORE = {"encode-every-pass": {"reuse_image_features": False}, "prefill-per-row": {"share_prompt_prefill": False},
+          "generate-prefill-per-row": {}}
+# ... or with a fast path marked unverified for every family (models/families.py) in that side's process
+UNVERIFIED = {"generate-prefill-per-row": "share_generate_prefill"}
 SIDES = ("ours-grpo", "ours-durian", *(f"ours-grpo-{name}" for name in BEFORE), "trl-grpo")
 MAX_NEW_TOKENS = {"small": 24, "realistic": 128}
 REALISTIC_IMAGE_SIZE = 448
@@ -232,6 +237,13 @@ def run_side(side: str, model: str, source: str, max_new_tokens: int, steps: int
         if side == "trl-grpo":
             return run_trl(model, source, max_new_tokens, steps, root)
         estimator, _, before = side.removeprefix("ours-").partition("-")
+        if before in UNVERIFIED:
+            import dataclasses
+
+            from durian_lightning.models import families
+
+            for kind, family in families.FAMILIES.items():
+                families.FAMILIES[kind] = dataclasses.replace(family, **{UNVERIFIED[before]: False})
         return run_ours(estimator, BEFORE.get(before, {}), model, source, max_new_tokens, steps, root)
 
 
