@@ -27,14 +27,14 @@ from typing import Any, Iterable, Sequence
 import torch
 from PIL import Image
 
-from .models.families import explain_fast_path_off, fast_path_verified
+from .models.families import explain_fast_path_off, fast_path_verified, transformers_model
 
 log = logging.getLogger(__name__)
 
 
 def inner_model(model):
     """The transformers model under a peft wrapper, and under its ``ForConditionalGeneration`` head."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = transformers_model(model)
     return getattr(base, "model", base)
 
 

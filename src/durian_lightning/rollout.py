@@ -22,7 +22,7 @@ from PIL import Image
 from transformers import GenerationConfig, LogitsProcessor
 
 from .image_features import ImageFeatures
-from .models.families import fast_path_verified
+from .models.families import fast_path_verified, transformers_model
 from .shared_prefill import (can_share_generate_prefill, can_share_prefill, distinct_prompts, prefilled_generate_inputs,
                              shared_prefill_logits)
 
@@ -186,7 +186,7 @@ def _neutral_generation_config(model):
     some (Qwen2.5-VL-Instruct: repetition_penalty 1.05, top_k 1, top_p 0.001, temperature 0.1): those would reshape
     the sampling distribution behind the loss's back. For the call, the model's config carries only its token ids.
     """
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = transformers_model(model)
     saved = inner.generation_config
     inner.generation_config = GenerationConfig(
         bos_token_id=saved.bos_token_id, eos_token_id=saved.eos_token_id, pad_token_id=saved.pad_token_id
@@ -258,7 +258,8 @@ def _generate(model, processor, rows_prompts, rows_images, sampling: SamplingCon
     inputs = image_features.model_inputs(encoded, encoded_images) if image_features is not None else dict(encoded)
     eos_ids = _eos_ids(model, processor.tokenizer)
     temperature = sampling.temperature if sampling.do_sample else 1.0
-    recorder = SampledTokenLogprobs(temperature, multimodal_token_ids(model))
+    placeholders = multimodal_token_ids(model)
+    recorder = SampledTokenLogprobs(temperature, placeholders)
     kwargs = dict(max_new_tokens=sampling.max_new_tokens, do_sample=sampling.do_sample, eos_token_id=eos_ids,
                   pad_token_id=processor.tokenizer.pad_token_id, logits_processor=[recorder])
     if sampling.do_sample:
@@ -267,7 +268,7 @@ def _generate(model, processor, rows_prompts, rows_images, sampling: SamplingCon
         kwargs["cache_implementation"] = "static"
     if shared:
         with evaluation_mode(model):
-            rows_inputs = prefilled_generate_inputs(model, inputs, index, multimodal_token_ids(model))
+            rows_inputs = prefilled_generate_inputs(model, inputs, index, placeholders)
         if rows_inputs is None:  # a prompt ends in an image token: every row runs its prompt
             return _generate(model, processor, rows_prompts, rows_images,
                              dataclasses.replace(sampling, share_prefill=False), max_prompt_length, rows_ids, image_features)

@@ -26,14 +26,13 @@ from typing import Sequence
 import torch
 
 from .image_features import inner_model
-from .models.families import fast_path_verified
+from .models.families import fast_path_verified, transformers_model
 
 
 def can_share_generate_prefill(model) -> bool:
     """``generate`` may start from a shared prefill: the family is verified and transformers computes generation
     positions with the hook used for the prefill's (sampling is in eval mode: no dropout, no checkpointing)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return fast_path_verified(model, "share_generate_prefill") and hasattr(base, "_prepare_position_ids_for_generation")
+    return fast_path_verified(model, "share_generate_prefill") and hasattr(transformers_model(model), "_prepare_position_ids_for_generation")
 
 
 def can_share_prefill(model) -> bool:
@@ -92,8 +91,7 @@ def prefilled_generate_inputs(model, prompt_inputs: dict, index: Sequence[int],
     prefix = {key: (value[:, :-1] if key in per_token else value) for key, value in prompt_inputs.items()}
     # the positions generate would give these tokens (from the attention mask: left padding shifts them; Qwen-VL's
     # M-RoPE from the image grids, which also sets its rope_deltas)
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # its generate's own hook
-    prefix["position_ids"] = base._prepare_position_ids_for_generation(prefix["input_ids"], dict(prefix))
+    prefix["position_ids"] = transformers_model(model)._prepare_position_ids_for_generation(prefix["input_ids"], dict(prefix))
     out = model(**prefix, use_cache=True, logits_to_keep=1)
     cache_name = "cache" if hasattr(out, "cache") else "past_key_values"  # as in shared_prefill_logits
     cache = getattr(out, cache_name)

@@ -50,9 +50,14 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
 )}
 
 
+def transformers_model(model):
+    """The transformers model under a peft wrapper (the model itself when there is none)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def model_type(model) -> str | None:
     """``config.model_type`` of a transformers model, under a peft wrapper too."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = transformers_model(model)
     return getattr(getattr(base, "config", None), "model_type", None)
 
 
