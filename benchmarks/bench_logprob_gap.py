@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 def measure(name: str, dtype: torch.dtype, prompts: int, generations: int, new_tokens: int) -> dict:
     from durian_lightning.data import MultimodalReasoningDataModule
     from durian_lightning.models import load_policy, resolve_model_path
-    from durian_lightning.rollout import SamplingConfig, completion_logprobs, generate_rollouts
+    from durian_lightning.stages.rollout import SamplingConfig, completion_logprobs, generate_rollouts
 
     torch.manual_seed(0)
     path = resolve_model_path(name)

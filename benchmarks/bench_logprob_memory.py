@@ -20,7 +20,7 @@ import time
 import torch
 
 from _memory import PeakMemory  # benchmarks/, the script's folder
-from durian_lightning.rollout import token_logprobs
+from durian_lightning.stages.rollout import token_logprobs
 
 VARIANTS = ("plain", "token_logprobs")
 

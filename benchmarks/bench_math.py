@@ -20,8 +20,8 @@ import time
 import numpy as np
 import torch
 
-from durian_lightning.advantages import durian_advantages
-from durian_lightning.difficulty import spectral_entropy
+from durian_lightning.core.advantages import durian_advantages
+from durian_lightning.core.difficulty import spectral_entropy
 
 
 def median_seconds(fn, repeats: int) -> float:

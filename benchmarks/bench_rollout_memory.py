@@ -30,7 +30,7 @@ def _child(model_dir: str, prompts: int, generations: int, new_tokens: int, per_
 
     from _memory import PeakMemory  # benchmarks/, the script's folder
     from durian_lightning.models import load_policy
-    from durian_lightning.rollout import SamplingConfig, generate_rollouts
+    from durian_lightning.stages.rollout import SamplingConfig, generate_rollouts
 
     torch.manual_seed(0)
     model, processor = load_policy(model_dir, use_lora=False)

@@ -49,9 +49,9 @@ def measure(shape: str, calls: int, repeats: int, folder: Path) -> dict:
     import torch
 
     from durian_lightning.data import MultimodalReasoningDataModule
-    from durian_lightning.image_features import ImageFeatures
     from durian_lightning.models import load_policy, resolve_model_path
-    from durian_lightning.rollout import SamplingConfig, generate_rollouts
+    from durian_lightning.stages.image_features import ImageFeatures
+    from durian_lightning.stages.rollout import SamplingConfig, generate_rollouts
 
     model_name, source = prepare_shape(shape, folder)
     data = MultimodalReasoningDataModule(source=source, model_name_or_path=model_name, batch_size=PROMPTS,

@@ -167,8 +167,8 @@ def run_trl(model: str, source: str, max_new_tokens: int, steps: int, root: str)
     from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
+    from durian_lightning.core.rewards import WeightedReward
     from durian_lightning.models.loading import resolve_model_path
-    from durian_lightning.rewards import WeightedReward
 
     data = _data(model, source)
     data.prepare_data()

@@ -52,7 +52,7 @@ class StepMeter(L.Callback):
         tokens = int(update.local.rollout.completion_mask.sum()) if update is not None else 0
         self.steps.append({
             "seconds": time.perf_counter() - self.start,
-            "generate_seconds": pl_module._phase_seconds.get("generate", float("nan")),
+            "generate_seconds": pl_module._timed.seconds.get("generate", float("nan")),
             "generated_tokens": tokens,
             "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
         })
@@ -61,7 +61,7 @@ class StepMeter(L.Callback):
 
 def write_scenes(folder: Path, n: int, size: int) -> Path:
     """``n`` synthetic scene rows with ``size`` x ``size`` images (a seed of their own)."""
-    from durian_lightning.scenes import make_sample
+    from durian_lightning.synthetic.scenes import make_sample
 
     (folder / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(f"gpu-check-{size}")

@@ -87,7 +87,7 @@ def run_one(name: str, seed: int, epochs: int, out: Path, setup: str = "pretrain
 
     from durian_lightning.callbacks import error_by_difficulty
     from durian_lightning.cli import run_cli
-    from durian_lightning.difficulty import perceptual_groups
+    from durian_lightning.core.difficulty import perceptual_groups
 
     run_dir = out / "logs" / f"{name}-seed{seed}"
     shutil.rmtree(run_dir, ignore_errors=True)  # an interrupted attempt's metrics must not mix into this one
@@ -258,7 +258,7 @@ def report(configs: list[str], out: Path) -> dict:
 
 def answer_prior() -> dict[str, dict[str, float]]:
     """The baseline every accuracy above is read against, on the bundled validation and test splits."""
-    from durian_lightning.answer_prior import answer_prior_accuracy, most_frequent_answers
+    from durian_lightning.stages.answer_prior import answer_prior_accuracy, most_frequent_answers
 
     def pairs(split: str) -> list[tuple[str, str]]:
         with open(REPO / "data" / "synthetic" / f"{split}.jsonl") as f:

@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
-from durian_lightning.advantages import (
+from durian_lightning.core.advantages import (
     ESTIMATORS,
-    AdvantageSettings,
     Advantages,
+    AdvantageSettings,
     DifficultyScores,
     batch_std_advantages,
     consecutive_prompt_index,
@@ -16,8 +16,8 @@ from durian_lightning.advantages import (
     durian_advantages,
     effective_alphas,
     get_estimator,
-    grpo_advantages,
     group_std,
+    grpo_advantages,
 )
 
 EPS = 1e-6

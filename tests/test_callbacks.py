@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from durian_lightning.advantages import Advantages, dr_grpo_advantages, durian_advantages
 from durian_lightning.callbacks import draw_error_chart, error_by_difficulty, error_table, rollout_statistics
+from durian_lightning.core.advantages import Advantages, dr_grpo_advantages, durian_advantages
 
 
 def test_rollout_statistics_by_hand():

@@ -11,7 +11,7 @@ import lightning as L
 import pytest
 import torch
 
-from durian_lightning.rollout import SamplingConfig, completion_logprobs, generate_rollouts
+from durian_lightning.stages.rollout import SamplingConfig, completion_logprobs, generate_rollouts
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -32,7 +32,12 @@ def _bundled_rows(n: int) -> list[dict]:
 def _prompts(processor, rows):
     from PIL import Image
 
-    from durian_lightning.prompts import DEFAULT_INSTRUCTION, DEFAULT_SYSTEM_PROMPT, build_messages, render_prompt
+    from durian_lightning.models.prompts import (
+        DEFAULT_INSTRUCTION,
+        DEFAULT_SYSTEM_PROMPT,
+        build_messages,
+        render_prompt,
+    )
 
     texts = [render_prompt(processor, build_messages(r["problem"], 1, DEFAULT_SYSTEM_PROMPT, DEFAULT_INSTRUCTION)) for r in rows]
     images = [[Image.open(REPO / "data" / "synthetic" / r["images"][0]).convert("RGB")] for r in rows]

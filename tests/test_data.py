@@ -15,9 +15,9 @@ import pytest
 import torch
 from PIL import Image
 
+from durian_lightning.core.difficulty import pixel_entropy
 from durian_lightning.data import EntropyCache, MultimodalReasoningDataModule, PixelEntropyScorer, build_messages
-from durian_lightning.data.synthetic import generate
-from durian_lightning.difficulty import pixel_entropy
+from durian_lightning.synthetic.dataset import generate
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -186,7 +186,7 @@ def test_spectral_cache_hit_invalidation_and_encoder_change(tmp_path, tiny_vlm_p
     assert [s.visual_entropy for s in warm.samples["train"]] == [s.visual_entropy for s in cold.samples["train"]]
     # the values are the spectral entropy of the encoder's patch features
     features, _ = cold.build_scorer().features([Image.open(source / "0.png").convert("RGB")])
-    from durian_lightning.difficulty import spectral_entropy
+    from durian_lightning.core.difficulty import spectral_entropy
 
     assert warm.samples["train"][0].visual_entropy == pytest.approx(spectral_entropy(features[0]).item())
 
@@ -521,8 +521,8 @@ def test_synthetic_generator_is_deterministic_and_varied(tmp_path):
 def test_spectral_scorer_batches_images_of_different_sizes_exactly(request, model_fixture, feature_source, layer):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    from durian_lightning.core.difficulty import spectral_entropy
     from durian_lightning.data import SpectralEntropyScorer
-    from durian_lightning.difficulty import spectral_entropy
 
     path = request.getfixturevalue(model_fixture)
     scorer = SpectralEntropyScorer(

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from durian_lightning.advantages import durian_advantages
+from durian_lightning.core.advantages import durian_advantages
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -98,7 +98,7 @@ def assert_gradient_is_the_whole_batch_gradient(ranks, cache, model_name="tiny:l
     over both ranks' rollouts at once: -mean over sequences of the token mean of A * ratio (seq-mean-token-mean), or
     -sum over all tokens of A * ratio / their number (token-mean)."""
     from durian_lightning.models import load_policy, resolve_model_path
-    from durian_lightning.rollout import Rollout, completion_logprobs
+    from durian_lightning.stages.rollout import Rollout, completion_logprobs
 
     for name in ranks[0]["weights"]:
         torch.testing.assert_close(ranks[0]["weights"][name], ranks[1]["weights"][name], rtol=0, atol=0)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from durian_lightning.difficulty import (
+from durian_lightning.core.difficulty import (
     percentile_thresholds,
     perceptual_groups,
     pixel_entropy,

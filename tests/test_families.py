@@ -14,15 +14,15 @@ import pytest
 import torch
 from PIL import Image
 
+from durian_lightning.core.difficulty import spectral_entropy
 from durian_lightning.data import SpectralEntropyScorer
-from durian_lightning.difficulty import spectral_entropy
-from durian_lightning.image_features import ImageFeatures
 from durian_lightning.models import load_policy, resolve_model_path
-from durian_lightning.models.loading import load_image_encoder
 from durian_lightning.models.families import FAMILIES
-from durian_lightning.prompts import build_messages, render_prompt
-from durian_lightning.rollout import SamplingConfig, completion_logprobs, encode_prompts, generate_rollouts
-from durian_lightning.shared_prefill import can_share_prefill
+from durian_lightning.models.loading import load_image_encoder
+from durian_lightning.models.prompts import build_messages, render_prompt
+from durian_lightning.stages.image_features import ImageFeatures
+from durian_lightning.stages.rollout import SamplingConfig, completion_logprobs, encode_prompts, generate_rollouts
+from durian_lightning.stages.shared_prefill import can_share_prefill
 
 from .test_shared_prefill import _logprobs_and_grads
 from .test_training import _model_cache  # noqa: F401  (the autouse fixture pins the model cache)

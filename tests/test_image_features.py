@@ -9,9 +9,9 @@ from PIL import Image
 from transformers.models.llava.modeling_llava import LlavaModel
 
 from durian_lightning.cli import run_cli
-from durian_lightning.image_features import ImageFeatures
 from durian_lightning.models import load_policy, resolve_model_path
-from durian_lightning.rollout import SamplingConfig, completion_logprobs, generate_rollouts
+from durian_lightning.stages.image_features import ImageFeatures
+from durian_lightning.stages.rollout import SamplingConfig, completion_logprobs, generate_rollouts
 
 from .test_training import _model_cache, fit_args, metrics  # noqa: F401  (the autouse fixture pins the model cache)
 

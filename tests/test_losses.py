@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from durian_lightning.losses import (
+from durian_lightning.core.losses import (
     PolicyLossConfig,
     aggregate_loss,
     aggregation_denominator,
@@ -180,7 +180,7 @@ def test_dr_grpo_divides_by_a_constant_not_by_the_batch_width():
 
 
 def test_truncated_importance_weights_by_hand():
-    from durian_lightning.losses import truncated_importance_weights
+    from durian_lightning.core.losses import truncated_importance_weights
 
     proximal = torch.tensor([[-1.0, -2.0, -0.5], [-1.0, -1.0, 0.0]])
     behaviour = torch.tensor([[-1.5, -1.0, -0.5], [-1.2, -0.9, 0.0]])
@@ -195,7 +195,7 @@ def test_truncated_importance_weights_by_hand():
 
 
 def test_the_rollout_correction_weights_each_tokens_surrogate_and_is_the_identity_when_the_log_probs_agree():
-    from durian_lightning.losses import PolicyLossConfig, policy_loss
+    from durian_lightning.core.losses import PolicyLossConfig, policy_loss
 
     old = torch.tensor([[-1.0, -2.0], [-1.0, -1.0]])
     recorded = torch.tensor([[-1.5, -1.0], [-1.0, -1.0]])

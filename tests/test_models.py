@@ -36,7 +36,7 @@ def test_unknown_architecture(tmp_path):
 
 def test_the_models_package_does_not_import_the_data_package():
     # data/ loads models (the entropy encoder); models/ must not load data/ back (the warm-start's prompts and scenes
-    # live in durian_lightning.prompts and durian_lightning.scenes)
+    # live in durian_lightning.models.prompts and durian_lightning.synthetic.scenes)
     import subprocess
     import sys
 

@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from durian_lightning.scene_text import (
+from durian_lightning.synthetic.scene_text import (
     INSTRUCTION_TYPES,
     RL_TYPES,
     SHAPES,
@@ -64,7 +64,7 @@ def test_listing_numbers_what_it_finds():
 
 def _rl_question_patterns():
     """The bundled data's question forms, read from the generator's own problems."""
-    from durian_lightning.scenes import make_sample
+    from durian_lightning.synthetic.scenes import make_sample
 
     rng = random.Random("questions")
     problems = {make_sample(rng)[1]["problem"].replace("<image>", "") for _ in range(2000)}
@@ -90,7 +90,13 @@ TINY = dict(hidden=32, num_layers=1, vocab_size=600, caption_steps=2, instructio
 
 
 def test_pretraining_is_deterministic_and_trains_every_part(tmp_path):
-    from durian_lightning.models.pretrain import PretrainSettings, base_model, build_pretrained_llava, save, weights_sha256
+    from durian_lightning.models.pretrain import (
+        PretrainSettings,
+        base_model,
+        build_pretrained_llava,
+        save,
+        weights_sha256,
+    )
 
     settings = PretrainSettings(**TINY)
     first = save(*build_pretrained_llava(settings), tmp_path / "a", settings)

@@ -3,8 +3,8 @@ r"""Rewards: a table of completions and ground truths with the scores they must 
 import pytest
 import torch
 
-from durian_lightning import rewards as R
-from durian_lightning.rewards import (
+from durian_lightning.core import rewards as R
+from durian_lightning.core.rewards import (
     RewardError,
     WeightedReward,
     accuracy_reward,
@@ -145,12 +145,12 @@ def test_row_fields_reach_the_functions():
 
 
 def test_load_reward_function_by_import_path():
-    assert load_reward_function("durian_lightning.rewards:format_reward") is format_reward
-    assert load_reward_function("durian_lightning.rewards.accuracy_reward") is accuracy_reward
+    assert load_reward_function("durian_lightning.core.rewards:format_reward") is format_reward
+    assert load_reward_function("durian_lightning.core.rewards.accuracy_reward") is accuracy_reward
     with pytest.raises(ValueError, match="cannot import module 'no_such_module'"):
         load_reward_function("no_such_module:fn")
     with pytest.raises(ValueError, match="has no callable 'nope'"):
-        load_reward_function("durian_lightning.rewards:nope")
+        load_reward_function("durian_lightning.core.rewards:nope")
     with pytest.raises(ValueError, match="import path"):
         load_reward_function("justaname")
 
@@ -182,7 +182,7 @@ def test_weighted_reward_bad_configuration():
 
 
 def test_answer_prior_by_hand():
-    from durian_lightning.answer_prior import answer_prior_accuracy, most_frequent_answers
+    from durian_lightning.stages.answer_prior import answer_prior_accuracy, most_frequent_answers
 
     train = [("count", "1"), ("count", "1"), ("count", "2"), ("color", "red"), ("color", "Blue"), ("color", "blue"),
              ("sum", "3"), ("sum", "4")]  # sum: a tie, the answer seen first wins

@@ -8,10 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from durian_lightning.image_features import ImageFeatures
 from durian_lightning.models import load_policy, resolve_model_path
-from durian_lightning.rollout import SamplingConfig, completion_logprobs, generate_rollouts
-from durian_lightning.shared_prefill import can_share_prefill, distinct_prompts
+from durian_lightning.stages.image_features import ImageFeatures
+from durian_lightning.stages.rollout import SamplingConfig, completion_logprobs, generate_rollouts
+from durian_lightning.stages.shared_prefill import can_share_prefill, distinct_prompts
 
 from .test_image_features import assert_same_steps, logged_steps, prompt
 from .test_training import _model_cache  # noqa: F401  (the autouse fixture pins the model cache)
@@ -99,8 +99,8 @@ def test_with_lora_dropout_the_no_grad_passes_are_the_policys_own_and_each_row_d
     # LoRA dropout > 0: the old-policy / reference passes must be deterministic (eval mode), and the pass with gradients
     # must not share a prompt's prefill (one dropout mask for all its G rows) -- it falls back to the full forward
     from durian_lightning.module import DurianGRPO
-    from durian_lightning.scoring import ScoredRollouts
     from durian_lightning.settings import LoraSettings, LossSettings
+    from durian_lightning.stages.scoring import ScoredRollouts
 
     _, _, rollout = _rollout("tiny:llava")
     module = DurianGRPO("tiny:llava", lora=LoraSettings(dropout=0.5), loss=LossSettings(preset="grpo", kl_coef=0.1))

@@ -8,12 +8,12 @@ import pytest
 import torch
 from PIL import Image
 
-from durian_lightning.dynamic_sampling import PromptBuffer
-from durian_lightning.global_batch import gather_global_batch
-from durian_lightning.losses import PolicyLossConfig
-from durian_lightning.rollout import Rollout
-from durian_lightning.scoring import ScoredRollouts
-from durian_lightning.update import UpdateBatch, ppo_update
+from durian_lightning.core.losses import PolicyLossConfig
+from durian_lightning.stages.dynamic_sampling import PromptBuffer
+from durian_lightning.stages.global_batch import gather_global_batch
+from durian_lightning.stages.rollout import Rollout
+from durian_lightning.stages.scoring import ScoredRollouts
+from durian_lightning.stages.update import UpdateBatch, ppo_update
 
 G = 2
 
@@ -114,7 +114,7 @@ def test_clearing_the_buffer_drops_the_surplus():
 
 
 def test_step_metrics_reduce_to_the_global_batchs_numbers_by_hand():
-    from durian_lightning.step_metrics import StepMetrics
+    from durian_lightning.stages.step_metrics import StepMetrics
 
     # one process: the values themselves; 1, 2, 4: mean 7/3, std sqrt(((1-7/3)^2 + (2-7/3)^2 + (4-7/3)^2) / 2)
     out = (StepMetrics().mean("m", 7.0, 3).std("s", torch.tensor([1.0, 2.0, 4.0])).total("t", 5)
@@ -125,8 +125,8 @@ def test_step_metrics_reduce_to_the_global_batchs_numbers_by_hand():
 
 
 def test_the_steps_metrics_weight_clip_fractions_by_tokens_and_entropy_per_token():
-    from durian_lightning.step_metrics import training_step_metrics
-    from durian_lightning.update import UpdateStats
+    from durian_lightning.stages.step_metrics import training_step_metrics
+    from durian_lightning.stages.update import UpdateStats
 
     batch = scored(["a", "b"], [0.0, 1.0, 1.0, 1.0], width=3)
     batch.rollout.completion_mask[0, 1:] = 0  # row lengths 1, 3, 3, 3
@@ -144,7 +144,7 @@ def test_the_steps_metrics_weight_clip_fractions_by_tokens_and_entropy_per_token
 
 
 def test_evaluation_counts_each_sample_once_whatever_the_sampler_repeats():
-    from durian_lightning.evaluation import evaluation_metrics, unique_records
+    from durian_lightning.stages.evaluation import evaluation_metrics, unique_records
 
     # 3 samples over 2 ranks: the sampler gives rank 1 a repeat of sample 0 (position 0) to even out the shares
     rank0 = [{"dataset_index": 0, "correct": 1.0, "reward": 1.5, "perceptual_group": 0, "mean@k": 0.5, "pass@k": 1.0},

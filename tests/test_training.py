@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from durian_lightning.cli import run_cli
+from durian_lightning.core.advantages import ESTIMATORS
 from durian_lightning.models import load_policy
-from durian_lightning.advantages import ESTIMATORS
 from durian_lightning.module import DurianGRPO
 from durian_lightning.settings import (
     AdvantageSettings,
@@ -21,7 +21,7 @@ from durian_lightning.settings import (
     RewardSettings,
     RolloutSettings,
 )
-from durian_lightning.rollout import (
+from durian_lightning.stages.rollout import (
     SamplingConfig,
     completion_logprobs,
     completion_mask_after_eos,
@@ -257,7 +257,7 @@ def test_left_padded_rows_get_the_logprobs_they_get_alone(model_name, sampling):
     from PIL import Image
 
     from durian_lightning.models import resolve_model_path
-    from durian_lightning.rollout import multimodal_token_ids
+    from durian_lightning.stages.rollout import multimodal_token_ids
 
     torch.manual_seed(0)
     model, processor = load_policy(resolve_model_path(model_name), use_lora=False)
@@ -490,7 +490,7 @@ def test_completion_mask_stops_after_the_first_eos():
         (lambda: OptimizationSettings(mini_batch_size=3).batch_sizes(8), "mini_batch_size=3 must divide the rollout batch of 8"),
         (lambda: DurianGRPO(advantages=AdvantageSettings(estimator="ppo")), "unknown estimator 'ppo'"),
         (lambda: DurianGRPO(reward=RewardSettings(functions=["no_such_module:fn"])), "cannot import module"),
-        (lambda: RewardSettings(functions=["durian_lightning.rewards:format_reward"], weights=[1.0, 2.0]),
+        (lambda: RewardSettings(functions=["durian_lightning.core.rewards:format_reward"], weights=[1.0, 2.0]),
          "1 reward functions but 2 reward weights"),
         (lambda: LossSettings(preset="ppo"), "unknown loss preset"),
         (lambda: RewardSettings(on_error="ignore"), "reward.on_error must be one of"),
@@ -564,7 +564,7 @@ def flaky_reward(completions, answers, **fields):
 
 
 def test_a_failed_reward_stops_with_a_checkpoint_that_resumes(tmp_path):
-    from durian_lightning.rewards import RewardError
+    from durian_lightning.core.rewards import RewardError
 
     args = fit_args(tmp_path, "tiny:llava", "--model.reward.functions", "[tests.test_training:flaky_reward]",
                     "--trainer.limit_val_batches", "0", "--trainer.max_steps", "3", "--seed_everything", "5")
@@ -633,7 +633,7 @@ def test_dapo_preset_with_dynamic_sampling_trains_on_informative_prompts_only(tm
 
 
 def test_dataset_entropy_thresholds_group_the_batch_by_the_training_sets_percentiles(tmp_path):
-    from durian_lightning.difficulty import perceptual_groups
+    from durian_lightning.core.difficulty import perceptual_groups
 
     cli = run_cli(["fit", *fit_args(tmp_path, "tiny:llava", "--model.advantages.entropy_thresholds", "dataset",
                                     "--data.batch_size", "4", "--model.reward.functions", "[tests.test_training:length_reward]",
@@ -751,7 +751,7 @@ def test_full_fine_tuning_with_a_frozen_reference_copy(tmp_path):
 
 
 def test_predict_and_test_subcommands(tmp_path):
-    from durian_lightning.rewards import WeightedReward, extract_answer
+    from durian_lightning.core.rewards import WeightedReward, extract_answer
 
     tested = run_cli(["test", *fit_args(tmp_path, "tiny:llava", "--trainer.limit_test_batches", "1")])
     assert len(tested.model.eval_records) == 4
@@ -779,7 +779,7 @@ def test_predict_and_test_subcommands(tmp_path):
 def test_accuracy_per_source_and_question_type_with_the_answer_prior_beside_it(tmp_path):
     import json
 
-    from durian_lightning.answer_prior import answer_prior_accuracy, most_frequent_answers
+    from durian_lightning.stages.answer_prior import answer_prior_accuracy, most_frequent_answers
 
     rows = [json.loads(line) for line in open(REPO / "data" / "synthetic" / "val.jsonl")][:8]
     data = small_data_folder(tmp_path / "data", 8, lambda i: {"source": f"bench{i % 2}"})  # two made-up benchmarks
@@ -813,7 +813,7 @@ def even_length_reward(completions, answers, **fields):
 def test_the_sampling_distribution_entropy_by_hand():
     import math
 
-    from durian_lightning.rollout import Rollout, SampledTokenLogprobs
+    from durian_lightning.stages.rollout import Rollout, SampledTokenLogprobs
 
     # two rows, vocabulary of 2; step 1: p = (3/4, 1/4) and (1/2, 1/2); step 2: one token certain, then (1/2, 1/2)
     steps = [torch.tensor([[math.log(3), 0.0], [0.0, 0.0]]), torch.tensor([[0.0, -math.inf], [5.0, 5.0]])]
@@ -838,7 +838,7 @@ def test_the_sampling_distribution_entropy_by_hand():
 
 
 def test_sampled_mean_and_pass_at_k_by_hand():
-    from durian_lightning.evaluation import sampled_accuracy
+    from durian_lightning.stages.evaluation import sampled_accuracy
 
     # 3 prompts x k = 4: two right of four; none; all four
     correct = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 from typing import Any
 
@@ -99,6 +100,18 @@ def stop_together(error: BaseException | None, world: int, device: torch.device 
     if error is not None and torch.distributed.get_rank() == rank:
         raise shared from error
     raise shared
+
+
+@contextlib.contextmanager
+def failing_together(world: int, device: torch.device | str = "cpu"):
+    """Around a part of the step with no collective inside: an exception in it on one rank stops every rank right
+    after it, with that rank's message (:func:`stop_together`), instead of hanging the others."""
+    error = None
+    try:
+        yield
+    except Exception as caught:  # noqa: BLE001 - every failure is handed on, on every rank
+        error = caught
+    stop_together(error, world, device)
 
 
 def _portable(error: BaseException) -> BaseException:

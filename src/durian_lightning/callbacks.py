@@ -1,6 +1,6 @@
 """Callbacks that log what Durian does: difficulty-bucket statistics, completion samples, error vs. difficulty.
 
-They read ``pl_module.last_update`` (an :class:`~durian_lightning.global_batch.UpdateRecord`, set by every update
+They read ``pl_module.last_update`` (an :class:`~durian_lightning.stages.global_batch.UpdateRecord`, set by every update
 of :class:`~durian_lightning.module.DurianGRPO`) and ``pl_module.eval_records`` (one entry per evaluation sample), so
 any module that fills those can use them. Nothing here depends on which advantage estimator ran.
 """
@@ -17,11 +17,11 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from ._distributed import STOPPED_TOGETHER, extremes_over_ranks
-from .advantages import Advantages, consecutive_prompt_index, grpo_advantages
-from .difficulty import perceptual_groups
-from .evaluation import gathered_records
-from .rewards import RewardError
+from durian_lightning._distributed import STOPPED_TOGETHER, extremes_over_ranks
+from durian_lightning.core.advantages import Advantages, consecutive_prompt_index, grpo_advantages
+from durian_lightning.core.difficulty import perceptual_groups
+from durian_lightning.core.rewards import RewardError
+from durian_lightning.stages.evaluation import gathered_records
 
 
 def _log_dir(trainer) -> Path:

@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 
-from ._distributed import all_gather_records
+from durian_lightning._distributed import all_gather_records
 
 
 def trainable_state(state_dict: dict[str, torch.Tensor], model: torch.nn.Module, prefix: str = "model.") -> dict:

@@ -18,17 +18,17 @@ from typing import Optional
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
-from .callbacks import (
+from durian_lightning.callbacks import (
     CompletionSamplesCallback,
     DifficultyStatsCallback,
     ErrorVsDifficultyCallback,
     EvaluationCompletionsCallback,
     PreemptionCheckpoint,
 )
-from .checkpointing import UpdateCheckpoint
-from .data import MultimodalReasoningDataModule
-from .module import DurianGRPO
-from .settings import LossSettings
+from durian_lightning.checkpointing import UpdateCheckpoint
+from durian_lightning.data import MultimodalReasoningDataModule
+from durian_lightning.module import DurianGRPO
+from durian_lightning.settings import LossSettings
 
 TRAINER_DEFAULTS = {
     "max_epochs": 1,
@@ -188,7 +188,12 @@ def run_cli(args: list[str] | None = None, default_config: bool = True) -> Duria
 
 
 def main() -> None:
-    """Console script ``durian``."""
+    """Console script ``durian``: LightningCLI's subcommands, and ``durian export`` (:mod:`.export`)."""
+    if sys.argv[1:2] == ["export"]:
+        from durian_lightning.export import main as export
+
+        export(sys.argv[2:])
+        return
     run_cli()
 
 

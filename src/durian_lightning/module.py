@@ -1,11 +1,12 @@
-"""The LightningModule. ``training_step`` reads top to bottom:
+"""The LightningModule: it calls the stages in order and keeps what belongs to Lightning. ``training_step`` reads top
+to bottom:
 
     rollout -> reward (+ confidence) -> [dynamic sampling] -> global difficulty scores -> advantages -> update
 
-Each stage is a function or small class in the file named for it (:mod:`rollout`, :mod:`scoring`,
-:mod:`dynamic_sampling`, :mod:`global_batch`, :mod:`advantages`, :mod:`update`), passing typed dataclasses. This class
-keeps what belongs to Lightning: the model's life cycle, the optimizer, logging, evaluation and checkpoints.
-The method and its choices are written up in docs/method.md.
+Each stage is a function or small class in ``stages/`` (``rollout``, ``scoring``, ``dynamic_sampling``,
+``global_batch``, ``update``; the estimators in ``core/advantages``), passing typed dataclasses. This class holds the
+model's life cycle, the optimizer, logging, the evaluation loop and checkpoints. The method and its choices are
+written up in docs/method.md.
 """
 
 from __future__ import annotations
@@ -13,47 +14,29 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import time
 from functools import partial
-from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
 import torch
 
-from ._distributed import average_gradients, mean_over_ranks, min_over_ranks, require_ddp, stop_together
-from .advantages import AdvantageSettings, get_estimator
-from .answer_prior import answer_prior_accuracy, most_frequent_answers
-from .checkpointing import restore_rng_state, rng_states, seed_rank, trainable_state
-from .dynamic_sampling import PromptBuffer
-from .evaluation import (
-    BREAKDOWNS,
-    accuracy_by,
-    correctness,
-    evaluation_metrics,
-    gathered_records,
-    prediction_rows,
-    sample_records,
-    sampled_accuracy,
-)
-from .global_batch import UpdateRecord, gather_global_batch
-from .image_features import ImageFeatures
-from .models.families import explain_fast_path_off, fast_path_verified
-from .models.loading import load_policy
-from .models.reference import ReferencePolicy
-from .rollout import completion_logprobs, evaluation_mode, generate_rollouts
-from .scoring import ScoredRollouts, score_rollouts
-from .settings import (
-    EvaluationSettings,
-    LoraSettings,
-    LossSettings,
-    OptimizationSettings,
-    RewardSettings,
-    RolloutSettings,
-    as_settings,
-)
-from .step_metrics import StepMetrics, training_step_metrics
-from .update import UpdateBatch, ppo_update
+from durian_lightning._distributed import (average_gradients, failing_together, mean_over_ranks, min_over_ranks,
+                                           require_ddp)
+from durian_lightning.checkpointing import restore_rng_state, rng_states, seed_rank, trainable_state
+from durian_lightning.core.advantages import AdvantageSettings, get_estimator
+from durian_lightning.export import save_run_adapter
+from durian_lightning.models.loading import load_policy
+from durian_lightning.models.reference import ReferencePolicy
+from durian_lightning.settings import (EvaluationSettings, LoraSettings, LossSettings, OptimizationSettings,
+                                      RewardSettings, RolloutSettings, as_settings, training_summary)
+from durian_lightning.stages.dynamic_sampling import PromptBuffer
+from durian_lightning.stages.evaluation import breakdown_metrics, evaluation_records, gathered_records, prediction_rows
+from durian_lightning.stages.global_batch import UpdateRecord, gather_global_batch, training_thresholds
+from durian_lightning.stages.image_features import ImageFeatures
+from durian_lightning.stages.rollout import completion_logprobs, explain_rollout_fast_paths_off, generate_rollouts
+from durian_lightning.stages.scoring import ScoredRollouts, reward_failures_message, score_rollouts
+from durian_lightning.stages.step_metrics import PhaseTimer, StepMetrics, training_step_metrics
+from durian_lightning.stages.update import UpdateBatch, build_optimizer, old_and_reference_logprobs, ppo_update
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +45,8 @@ class DurianGRPO(L.LightningModule):
     """GRPO / DAPO with Durian's difficulty-aware advantages on a LoRA-adapted VLM.
 
     Args:
-        model_name_or_path: VLM path or hub id, or tiny:<family> (any family of models/families.py, e.g. tiny:qwen3_vl,
-                built offline) / tiny:llava-format / tiny:llava-pretrained (shipped: pretrained and instruction-tuned,
-                see models/pretrain.py).
+        model_name_or_path: VLM path or hub id, or tiny:<family> (any family of models/families.py, built offline),
+                tiny:llava-format, tiny:llava-pretrained (shipped: pretrained and instruction-tuned, models/pretrain.py).
         dtype: weights dtype: float32 on CPU, bfloat16 on GPU.
         gradient_checkpointing: recompute activations in backward to save memory.
         lora: the LoRA adapter (or full fine-tuning).
@@ -110,49 +92,29 @@ class DurianGRPO(L.LightningModule):
         self.buffer = PromptBuffer() if self.optimization.dynamic_sampling else None
         self.last_update: UpdateRecord | None = None  # what the last update saw, for callbacks
         self.updates = 0  # rollout batches trained on (each takes ppo_epochs x mini-batches optimizer steps)
-        self._phase_seconds: dict[str, float] = {}
+        self._timed = PhaseTimer()  # the step's phases, logged as perf/<phase>_s
         self._grad_norms: list[float] = []  # the global gradient norm before clipping, per optimizer step of the update
-        # this rank's per-sample evaluation results: the metrics, the breakdowns and the callbacks are computed from
-        # every rank's, each sample once (a distributed sampler repeats some to even out the ranks)
+        # this rank's per-sample evaluation results (metrics and callbacks use every rank's, each sample once)
         self.eval_records: list[dict[str, Any]] = []
-
-    # ------------------------------------------------------------------------------------------ model
 
     def configure_model(self) -> None:
         if self.model is not None:
             return
         hp = self.hparams
-        self.model, self.processor = load_policy(
-            hp.model_name_or_path, hp.dtype, self.lora.enabled, self.lora.r, self.lora.alpha, self.lora.dropout,
-            self.lora.target_modules, hp.gradient_checkpointing,
-        )
+        self.model, self.processor = load_policy(hp.model_name_or_path, hp.dtype, self.lora.enabled, self.lora.r,
+                                                 self.lora.alpha, self.lora.dropout, self.lora.target_modules,
+                                                 hp.gradient_checkpointing)
         if self.loss_config.kl_coef > 0:
             self.reference = ReferencePolicy(self.model, lora=self.lora.enabled)
         self.image_features = ImageFeatures(self.model, self.processor, self.rollout.reuse_image_features)
-        if self.rollout.share_prompt_prefill and not fast_path_verified(self.model, "share_prompt_prefill"):
-            explain_fast_path_off(self.model, "rollout.share_prompt_prefill in the log-prob passes")
-        if self.rollout.cache_implementation == "static" and not fast_path_verified(self.model, "static_cache"):
-            explain_fast_path_off(self.model, "rollout.cache_implementation: static")  # generate keeps dynamic
+        explain_rollout_fast_paths_off(self.model, self.rollout.share_prompt_prefill, self.rollout.cache_implementation)
 
     def setup(self, stage: str) -> None:
         if stage == "fit":
             require_ddp(self.trainer)
 
     def configure_optimizers(self):
-        half = {str(p.dtype) for p in self._trainable() if p.dtype in (torch.bfloat16, torch.float16)}
-        if half:
-            # 3 steps at lr 1e-6 moved 35 of 16,384 LoRA entries in bf16-true, 16,301 in bf16-mixed (tiny LLaVA)
-            raise ValueError(
-                f"the trained weights are {', '.join(sorted(half))} (from --trainer.precision bf16-true / 16-true, or "
-                "--model.dtype bfloat16 without LoRA): AdamW's small updates are rounded away in 16 bits. Use "
-                "--trainer.precision bf16-mixed with --model.dtype bfloat16 (the frozen base stays in bfloat16, the "
-                "LoRA adapter trains in float32), or --model.dtype float32 to train every weight"
-            )
-        opt = self.optimization
-        optimizer = torch.optim.AdamW(self._trainable(), lr=opt.learning_rate, weight_decay=opt.weight_decay)
-        warmup = opt.warmup_steps
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return build_optimizer(self._trainable(), self.optimization)
 
     def _trainable(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -171,16 +133,13 @@ class DurianGRPO(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         opt = self.optimization
         self.last_update = None  # set again only if this step updates the policy
-        self._phase_seconds, self._grad_norms = {}, []
+        self._timed, self._grad_norms = PhaseTimer(), []
         full_batch = getattr(self.trainer.train_dataloader, "batch_size", None) or len(batch["prompt"])
         rollout_batch_size, mini_batch_size = opt.batch_sizes(full_batch)
 
         with self._local_phase():
             with self._timed("generate"):
-                generated = generate_rollouts(self.model, self.processor, batch["prompt"], batch["images"],
-                                              self.rollout.num_generations, self.rollout.sampling(),
-                                              self.rollout.max_prompt_length, batch["id"],
-                                              self.rollout.max_sequences_per_generate, self.image_features)
+                generated = self._generate(batch, self.rollout.num_generations, self.rollout.sampling())
             with self._timed("reward"):
                 scored = score_rollouts(generated, batch, self.reward, self.rollout.num_generations,
                                         self.advantages.confidence_reduction, self.device)
@@ -194,7 +153,7 @@ class DurianGRPO(L.LightningModule):
             scored = self._logprob_passes(scored, old=opt.ppo_epochs > 1 or mini_batch_size < scored.num_prompts)
 
         with self._timed("advantages"):
-            world = gather_global_batch(scored, self.trainer.world_size, self.global_rank, self._entropy_thresholds())
+            world = gather_global_batch(scored, self.trainer.world_size, self.global_rank, training_thresholds(self.advantages.entropy_thresholds, self.perceptual_thresholds))
             advantages = self.estimator(world.rewards, world.prompt_index, world.scores, self.advantages)
         self.last_update = UpdateRecord(world, advantages, scored)
         update = UpdateBatch(scored.rollout, self.last_update.local_advantages.float(), scored.num_generations,
@@ -202,79 +161,39 @@ class DurianGRPO(L.LightningModule):
         with self._timed("policy_update"):
             stats = ppo_update(update, partial(self.policy_logprobs, scored.rollout), self.loss_config, mini_batch_size,
                                opt.micro_batch_size, opt.ppo_epochs, self._backward, self._optimizer_step,
-                               partial(mean_over_ranks, world=self.trainer.world_size, device=self.device))
+                               partial(mean_over_ranks, world=self._world(), device=self.device))
         self.updates += 1
         self.last_update = dataclasses.replace(self.last_update, stats=stats)
-        metrics = training_step_metrics(scored, stats, self._grad_norms, self._phase_seconds)
-        metrics = metrics.reduce(self.trainer.world_size, self.device)  # global: every rank's rollouts
+        metrics = training_step_metrics(scored, stats, self._grad_norms, self._timed.seconds)
+        metrics = metrics.reduce(self._world(), self.device)  # global: every rank's rollouts
         self.log_dict(metrics)
         self.log("reward", metrics["train/reward"], prog_bar=True, logger=False)
         return None
 
     def on_train_batch_end(self, outputs, batch: dict[str, Any], batch_idx: int) -> None:
-        self._forget_image_features()
-
-    def _forget_image_features(self) -> None:
-        """Free the features of this step's images (a buffered prompt's are encoded again when it is trained on)."""
-        if self.image_features is not None:
-            self.image_features.clear()
+        self.image_features.clear()  # this step's (a buffered prompt's images are encoded again when it is trained on)
 
     def _report_reward_failures(self, failures: tuple[str, ...]) -> None:
-        """With ``reward.on_error: zero``: how many scores failed this step (a metric, 0 on a healthy run), and what
-        failed (a warning: the first three messages)."""
-        self.log_dict(StepMetrics().total("train/reward_failures", len(failures))
-                      .reduce(self.trainer.world_size, self.device))  # every rank's
-        if failures:
-            more = f" (and {len(failures) - 3} more)" if len(failures) > 3 else ""
-            log.warning("step %d: %d reward score(s) failed and were set to 0%s: %s", self.global_step, len(failures),
-                        more, " | ".join(failures[:3]))
+        """How many scores failed this step (a metric over every rank, 0 on a healthy run), and what failed."""
+        self.log_dict(StepMetrics().total("train/reward_failures", len(failures)).reduce(self._world(), self.device))
+        if message := reward_failures_message(failures, self.global_step):
+            log.warning(message)
 
     def _dynamic_sampling(self, scored: ScoredRollouts, rollout_batch_size: int) -> ScoredRollouts | None:
-        """Buffer this step's informative prompts; once every rank has a full batch (the statistics and the all-reduce
-        are collectives), the oldest batch, dropping the surplus (see dynamic_sampling.py)."""
-        informative = self.buffer.informative(scored, self.optimization.dynamic_sampling_reward)
-        self.log_dict(StepMetrics().mean("train/dynamic_sampling_kept", informative.num_prompts, scored.num_prompts)
-                      .reduce(self.trainer.world_size, self.device))
-        self.buffer.add(informative)
-        if min_over_ranks(len(self.buffer), self.trainer.world_size, self.device) < rollout_batch_size:
-            return None
-        batch = self.buffer.take(rollout_batch_size)
-        self.log_dict(StepMetrics().total("train/dynamic_sampling_dropped", self.buffer.clear())
-                      .reduce(self.trainer.world_size, self.device))
+        """The oldest full batch of informative prompts once every rank has one (see stages/dynamic_sampling.py)."""
+        fewest = partial(min_over_ranks, world=self._world(), device=self.device)
+        batch, metrics = self.buffer.collect(scored, rollout_batch_size, self.optimization.dynamic_sampling_reward, fewest)
+        self.log_dict(metrics.reduce(self._world(), self.device))
         return batch
 
     def _logprob_passes(self, scored: ScoredRollouts, old: bool) -> ScoredRollouts:
         """The old-policy (when the batch feeds several optimizer steps) and reference (for a KL term) log-probs."""
-        rows = torch.arange(len(scored.rollout))
-        micro = self.optimization.micro_batch_size
-
-        def run(logprobs) -> torch.Tensor:
-            return torch.cat([logprobs(scored.rollout, chunk) for chunk in rows.split(micro)])
-
-        if not len(rows):
-            return scored
-        with torch.no_grad(), evaluation_mode(self.model):  # no dropout: these are the policies' own log-probs
-            if old:
-                with self._timed("old_logprobs"):
-                    scored = dataclasses.replace(scored, old_logprobs=run(self.policy_logprobs))
-            if self.loss_config.kl_coef > 0:
-                with self._timed("ref_logprobs"):
-                    scored = dataclasses.replace(scored, ref_logprobs=run(self.reference_logprobs))
-        return scored
-
-    def _entropy_thresholds(self) -> torch.Tensor | None:
-        """Training's perceptual thresholds: the batch's percentiles (None), or the dataset's when configured."""
-        if self.advantages.entropy_thresholds == "batch":
-            return None
-        thresholds = self.perceptual_thresholds()
-        if thresholds is None:
-            raise ValueError("advantages.entropy_thresholds='dataset' needs a datamodule with entropy_thresholds(), "
-                             "such as MultimodalReasoningDataModule")
-        return thresholds
+        reference = self.reference_logprobs if self.loss_config.kl_coef > 0 else None
+        return old_and_reference_logprobs(scored, self.model, self.policy_logprobs, reference,
+                                          self.optimization.micro_batch_size, old, self._timed)
 
     def _backward(self, loss: torch.Tensor) -> None:
-        # DistributedDataParallel would all-reduce in every backward (one per micro-batch); gradients stay local and
-        # are averaged once per optimizer step in _optimizer_step
+        # DDP would all-reduce in every backward (one per micro-batch): averaged once per optimizer step instead
         block = getattr(self.trainer.strategy, "block_backward_sync", None)
         with block() if block is not None else contextlib.nullcontext():
             self.manual_backward(loss)
@@ -292,23 +211,12 @@ class DurianGRPO(L.LightningModule):
         norm = torch.nn.utils.clip_grad_norm_(self._trainable(), self.optimization.max_grad_norm)
         self._grad_norms.append(float(norm))
 
-    @contextlib.contextmanager
     def _local_phase(self):
-        """A part of the step with no collective inside: an exception in it on one rank stops every rank right after
-        it, with that rank's message (:func:`._distributed.stop_together`), instead of hanging the others."""
-        error = None
-        try:
-            yield
-        except Exception as caught:  # noqa: BLE001 - every failure is handed on, on every rank
-            error = caught
-        stop_together(error, self.trainer.world_size if self._trainer is not None else 1, self.device)
+        """A part of the step with no collective inside: one rank's exception stops every rank right after it."""
+        return failing_together(self._world(), self.device)
 
-    @contextlib.contextmanager
-    def _timed(self, phase: str):
-        """Wall time of a phase of the step, logged as perf/<phase>_s (the step's cost breakdown)."""
-        start = time.perf_counter()
-        yield
-        self._phase_seconds[phase] = self._phase_seconds.get(phase, 0.0) + time.perf_counter() - start
+    def _world(self) -> int:
+        return self.trainer.world_size if self._trainer is not None else 1
 
     # ------------------------------------------------------------------------------------------ evaluation
 
@@ -320,7 +228,7 @@ class DurianGRPO(L.LightningModule):
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
         rows = prediction_rows(self._generate_once(batch))
-        self._forget_image_features()
+        self.image_features.clear()
         return rows
 
     def on_validation_epoch_start(self) -> None:
@@ -342,43 +250,29 @@ class DurianGRPO(L.LightningModule):
             return datamodule.entropy_thresholds(self.advantages.percentiles)
         return None
 
+    def _generate(self, batch: dict[str, Any], k: int, sampling):
+        return generate_rollouts(self.model, self.processor, batch["prompt"], batch["images"], k, sampling,
+                                 self.rollout.max_prompt_length, batch["id"], self.rollout.max_sequences_per_generate,
+                                 self.image_features)
+
     def _generate_once(self, batch: dict[str, Any], k: int = 1, do_sample: bool | None = None) -> ScoredRollouts:
         """``k`` completions per prompt (one, greedy unless ``evaluation.do_sample``, by default), scored."""
-        generated = generate_rollouts(self.model, self.processor, batch["prompt"], batch["images"], k,
-                                      self.evaluation.sampling(self.rollout, do_sample), self.rollout.max_prompt_length,
-                                      batch["id"], self.rollout.max_sequences_per_generate, self.image_features)
+        generated = self._generate(batch, k, self.evaluation.sampling(self.rollout, do_sample))
         return score_rollouts(generated, batch, self.reward, k, self.advantages.confidence_reduction, self.device)
 
     def _evaluate(self, batch: dict[str, Any], stage: str) -> None:
         with self._local_phase():
-            scored = self._generate_once(batch)
-            records = sample_records(scored, batch, self.advantages.percentiles, self.perceptual_thresholds())
-            if k := self.evaluation.samples:
-                sampled = self._generate_once(batch, k, do_sample=True)
-                for name, values in sampled_accuracy(correctness(sampled), k).items():
-                    for record, value in zip(records, values.tolist()):
-                        record[name] = value
+            records = evaluation_records(self._generate_once, batch, self.advantages.percentiles,
+                                         self.perceptual_thresholds(), self.evaluation.samples)
         self.eval_records.extend(records)
-        self._forget_image_features()
+        self.image_features.clear()
 
     def _log_breakdowns(self, stage: str) -> None:
-        """Accuracy overall, per perceptual group, per source and per question type, and the answer-prior baseline
-        beside each, over every rank's samples, each once (gathered records, not per-key syncs: ranks may hold
-        different groups and values)."""
+        """Every rank's samples, each once (gathered records, not per-key syncs: ranks may hold different groups)."""
         records = gathered_records(self._trainer, self.eval_records)
-        k = self.evaluation.samples
-        for name, value in evaluation_metrics(records).items():
-            self.log(f"{stage}/{name.replace('@k', f'@{k}')}", value, prog_bar=name == "accuracy")
-        for column in BREAKDOWNS:
-            for value, accuracy in accuracy_by(records, column).items():
-                self.log(f"{stage}/accuracy_{column}_{value}", accuracy)
         train = getattr(getattr(self.trainer, "datamodule", None), "samples", {}).get("train")
-        if not train or not records:
-            return
-        prior = most_frequent_answers((str(s.extra.get("question_type", "")), s.answer) for s in train)
-        evaluated = [(str(r.get("question_type", "")), r["answer"]) for r in records]
-        for key, accuracy in answer_prior_accuracy(prior, evaluated).items():
-            self.log(f"{stage}/answer_prior" if key == "overall" else f"{stage}/answer_prior_question_type_{key}", accuracy)
+        for name, value in breakdown_metrics(records, stage, self.evaluation.samples, train).items():
+            self.log(name, value, prog_bar=name == f"{stage}/accuracy")
 
     # ------------------------------------------------------------------------------------------ checkpoints
 
@@ -399,49 +293,7 @@ class DurianGRPO(L.LightningModule):
         self.save_adapter()
 
     def save_adapter(self) -> None:
-        """The LoRA adapter in peft format, to ``adapter_dir`` (default: the run's folder / adapter); every rank calls
-        it (the run's folder is a collective), rank 0 writes."""
-        if not self.lora.enabled:
-            return
-        run_dir = self.trainer.log_dir or self.trainer.default_root_dir
-        if not self.trainer.is_global_zero:
-            return
-        folder = self.hparams.adapter_dir or str(Path(run_dir) / "adapter")
-        config = self.model.peft_config["default"]
-        if Path(config.base_model_name_or_path).exists():  # a local base (e.g. tiny:*): loadable from any folder
-            config.base_model_name_or_path = str(Path(config.base_model_name_or_path).resolve())
-        self.model.save_pretrained(folder)
-        self.processor.save_pretrained(folder)
-        (Path(folder) / "README.md").write_text(self.adapter_card(config.base_model_name_or_path, run_dir))
-
-    def adapter_card(self, base: str, run_dir: str) -> str:
-        """The adapter's model card: what it was trained from and with, and how to load it (replaces peft's blank
-        template)."""
-        datamodule = getattr(self.trainer, "datamodule", None)
-        source = getattr(datamodule, "hparams", {}).get("source", "unknown") if datamodule is not None else "unknown"
-        advantages, rollout, loss = self.advantages, self.rollout, self.loss_config
-        alphas = f", alphas {list(advantages.alphas)}" if advantages.estimator == "durian" else ""
-        return "\n".join([
-            "# LoRA adapter trained with durian-lightning",
-            "",
-            f"- base model: `{base}` (the path or hub id peft loads it from)",
-            f"- data: `{source}`",
-            f"- advantages: `{advantages.estimator}`{alphas}; loss: clip {loss.eps_low} / {loss.eps_high}, "
-            f"KL {loss.kl_coef} ({loss.kl_estimator}), {loss.aggregation}"
-            + (", dynamic sampling" if self.optimization.dynamic_sampling else ""),
-            f"- G = {rollout.num_generations}, max_new_tokens {rollout.max_new_tokens}, temperature {rollout.temperature}, "
-            f"learning rate {self.optimization.learning_rate}, LoRA r {self.lora.r} / alpha {self.lora.alpha} on `{self.lora.target_modules}`",
-            f"- trained for {self.updates} update{'s' * (self.updates != 1)} ({self.trainer.global_step} optimizer steps)",
-            f"- the full configuration: `{Path(run_dir).resolve() / 'config.yaml'}` (rerun with `durian fit --config` on it)",
-            "",
-            "Load it:",
-            "",
-            "```python",
-            "from peft import PeftModel",
-            "from transformers import AutoModelForImageTextToText, AutoProcessor",
-            "",
-            f'model = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained("{base}"), "<this folder>")',
-            'processor = AutoProcessor.from_pretrained("<this folder>")',
-            "```",
-            "",
-        ])
+        """The LoRA adapter in peft format, with its card (:func:`~durian_lightning.export.save_run_adapter`)."""
+        save_run_adapter(self.trainer, self.model, self.processor, self.hparams.adapter_dir, [
+            *training_summary(self.lora, self.rollout, self.advantages, self.loss_config, self.optimization),
+            f"trained for {self.updates} update{'s' * (self.updates != 1)} ({self.trainer.global_step} optimizer steps)"])

@@ -11,11 +11,11 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from .advantages import AdvantageSettings
-from .losses import Aggregation, KLEstimator, PolicyLossConfig, RolloutCorrection
-from .models.loading import DEFAULT_LORA_TARGETS
-from .rewards import ON_ERROR, WeightedReward
-from .rollout import SamplingConfig
+from durian_lightning.core.advantages import AdvantageSettings
+from durian_lightning.core.losses import Aggregation, KLEstimator, PolicyLossConfig, RolloutCorrection
+from durian_lightning.core.rewards import ON_ERROR, WeightedReward
+from durian_lightning.models.loading import DEFAULT_LORA_TARGETS
+from durian_lightning.stages.rollout import SamplingConfig
 
 __all__ = [
     "AdvantageSettings",
@@ -281,3 +281,16 @@ class OptimizationSettings:
         if rollout % mini:
             raise ValueError(f"mini_batch_size={mini} must divide the rollout batch of {rollout} prompts")
         return rollout, mini
+
+
+def training_summary(lora: LoraSettings, rollout: RolloutSettings, advantages: AdvantageSettings,
+                     loss: PolicyLossConfig, optimization: OptimizationSettings) -> list[str]:
+    """The settings that say how a policy was trained, one line each (the adapter's model card)."""
+    alphas = f", alphas {list(advantages.alphas)}" if advantages.estimator == "durian" else ""
+    sampling = ", dynamic sampling" if optimization.dynamic_sampling else ""
+    return [
+        f"advantages: `{advantages.estimator}`{alphas}; loss: clip {loss.eps_low} / {loss.eps_high}, KL {loss.kl_coef} "
+        f"({loss.kl_estimator}), {loss.aggregation}{sampling}",
+        f"G = {rollout.num_generations}, max_new_tokens {rollout.max_new_tokens}, temperature {rollout.temperature}, "
+        f"learning rate {optimization.learning_rate}, LoRA r {lora.r} / alpha {lora.alpha} on `{lora.target_modules}`",
+    ]

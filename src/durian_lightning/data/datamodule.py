@@ -20,15 +20,15 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..difficulty import percentile_thresholds
-from ..models.loading import DTYPES, load_image_encoder, resolve_model_path
-from ..prompts import DEFAULT_INSTRUCTION, DEFAULT_SYSTEM_PROMPT, build_messages, render_prompt
-from .entropy_cache import EntropyCache
-from .images import ImageError, content_hash, image_bytes, open_image
-from .model_files import model_file_hashes
-from .resumable import ResumableDataLoader
-from .sources import UNREADABLE, RawSplit, check_columns, load_source
-from .visual_entropy import PixelEntropyScorer, SpectralEntropyScorer, entropy_fingerprint
+from durian_lightning.core.difficulty import percentile_thresholds
+from durian_lightning.data.entropy_cache import EntropyCache
+from durian_lightning.data.images import ImageError, content_hash, image_bytes, open_image
+from durian_lightning.data.model_files import model_file_hashes
+from durian_lightning.data.resumable import ResumableDataLoader
+from durian_lightning.data.sources import UNREADABLE, RawSplit, check_columns, load_source
+from durian_lightning.data.visual_entropy import PixelEntropyScorer, SpectralEntropyScorer, entropy_fingerprint
+from durian_lightning.models.loading import DTYPES, load_image_encoder, resolve_model_path
+from durian_lightning.models.prompts import DEFAULT_INSTRUCTION, DEFAULT_SYSTEM_PROMPT, build_messages, render_prompt
 
 log = logging.getLogger(__name__)
 

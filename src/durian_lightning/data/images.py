@@ -10,7 +10,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from .._imaging import high_depth_to_uint8
+from durian_lightning._imaging import high_depth_to_uint8
+
 
 class ImageError(ValueError):
     """An image that cannot be used: missing, corrupt, truncated, or of an unexpected type."""

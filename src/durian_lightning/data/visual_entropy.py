@@ -10,8 +10,8 @@ from typing import Literal, Sequence
 import torch
 from PIL import Image
 
-from ..difficulty import pixel_entropy, spectral_entropy
-from ..image_features import image_encoder_inputs, inner_model
+from durian_lightning.core.difficulty import pixel_entropy, spectral_entropy
+from durian_lightning.models.parts import image_encoder_inputs, inner_model
 
 FeatureSource = Literal["vision_tower", "projector"]
 

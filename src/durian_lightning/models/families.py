@@ -10,13 +10,15 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from durian_lightning.models.parts import transformers_model
+
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Family:
-    """``reuse_image_features``: images encoded once per step (:mod:`durian_lightning.image_features`);
-    ``share_prompt_prefill``: a prompt's prefill run once for its rows (:mod:`durian_lightning.shared_prefill`);
+    """``reuse_image_features``: images encoded once per step (:mod:`durian_lightning.stages.image_features`);
+    ``share_prompt_prefill``: a prompt's prefill run once for its rows (:mod:`durian_lightning.stages.shared_prefill`);
     ``share_generate_prefill``: ``generate`` prefills each prompt once for its rows (the same module);
     ``static_cache``: ``rollout.cache_implementation: static`` decodes exactly as the dynamic cache does."""
 
@@ -48,11 +50,6 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     Family("mistral3", "Mistral 3", False, True,
            "image-feature reuse off: the processor resizes images differently from its image processor called alone"),
 )}
-
-
-def transformers_model(model):
-    """The transformers model under a peft wrapper (the model itself when there is none)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def model_type(model) -> str | None:

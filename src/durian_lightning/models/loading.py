@@ -26,11 +26,11 @@ def resolve_model_path(name_or_path: str, cache_root: str | os.PathLike | None =
     (:mod:`.pretrain`); other names pass."""
     if not name_or_path.startswith(TINY_PREFIX):
         return name_or_path
-    from .tiny import tiny_vlm_path
+    from durian_lightning.models.tiny_registry import tiny_vlm_path
 
     architecture = name_or_path[len(TINY_PREFIX) :]
     if architecture == PRETRAINED:
-        from .pretrain import SHIPPED
+        from durian_lightning.models.pretrain import SHIPPED
 
         if not (SHIPPED / "model.safetensors").exists():
             raise FileNotFoundError(
@@ -55,7 +55,7 @@ def load_policy(
     """``(model, processor)``; with LoRA only the adapter trains and ``model.disable_adapter()`` is the reference."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from .families import FAMILIES
+    from durian_lightning.models.families import FAMILIES
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")

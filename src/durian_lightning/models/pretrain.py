@@ -5,7 +5,7 @@
 Real VLM RL starts from a model that already describes images and answers in format; a random vision tower gives RL
 nothing to sharpen (it can only learn each question type's most frequent answer). This script gives the tiny
 LLaVA-style model (:func:`..tiny.build_tiny_llava`, about 1.2M parameters) the same two stages, all weights trained,
-on freshly generated scenes (:mod:`durian_lightning.scene_text`; seeds disjoint from the bundled splits):
+on freshly generated scenes (:mod:`durian_lightning.synthetic.scene_text`; seeds disjoint from the bundled splits):
 
 1. *Perception pretraining*: "Describe the image." -> every object with colour, shape and place, and the background;
    "List the shapes by kind." -> ``2 red circles, 1 blue square``.
@@ -32,11 +32,17 @@ from pathlib import Path
 
 import torch
 
-from ..prompts import DEFAULT_INSTRUCTION, DEFAULT_SYSTEM_PROMPT, build_messages, render_prompt
-from ..rollout import SamplingConfig, generate_rollouts
-from ..scene_text import COLORS, description, instruction_sample, random_scene, summary, vocabulary_corpus
-from .supervised import supervised_loss
-from .tiny import build_tiny_llava
+from durian_lightning.models.prompts import DEFAULT_INSTRUCTION, DEFAULT_SYSTEM_PROMPT, build_messages, render_prompt
+from durian_lightning.models.supervised import supervised_loss
+from durian_lightning.models.tiny import build_tiny_llava
+from durian_lightning.synthetic.scene_text import (
+    COLORS,
+    description,
+    instruction_sample,
+    random_scene,
+    summary,
+    vocabulary_corpus,
+)
 
 SHIPPED = Path(__file__).parent / "pretrained" / "llava"
 DESCRIBE = "Describe the image."
@@ -144,8 +150,11 @@ def caption_color_overlap(model, processor, num_scenes: int = 16, seed: str = "h
     rng = random.Random(seed)
     scenes = [random_scene(rng) for _ in range(num_scenes)]
     prompt = render_prompt(processor, build_messages(LIST_SHAPES, 1, DEFAULT_SYSTEM_PROMPT, None))
-    captions = generate_rollouts(model, processor, [prompt] * num_scenes, [[image] for image, _ in scenes], 1,
-                                 SamplingConfig(max_new_tokens=48, do_sample=False)).completions
+    processor.tokenizer.padding_side = "left"
+    encoded = processor(text=[prompt] * num_scenes, images=[[image] for image, _ in scenes], return_tensors="pt",
+                        padding=True)
+    generated = model.generate(**encoded, max_new_tokens=48, do_sample=False)
+    captions = processor.batch_decode(generated[:, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
     named = [{w for w in caption.replace(",", " ").split() if w in COLORS} for caption in captions]
     truth = [{o.color for o in scene.objects} for _, scene in scenes]
     return sum(len(n & t) / len(n | t) for n, t in zip(named, truth)) / num_scenes

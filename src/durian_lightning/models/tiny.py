@@ -7,9 +7,6 @@ byte-identical and the visual-entropy cache keyed on them stays valid across run
 
 from __future__ import annotations
 
-import os
-import tempfile
-from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -215,47 +212,3 @@ def build_tiny_qwen2_5_vl(
         image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor, chat_template=QWEN_CHAT_TEMPLATE
     )
     return model, processor
-
-
-def build_tiny_llava_format(**kwargs):
-    """The tiny LLaVA with the format warm-start (:mod:`.warmstart`): answers in format, at chance accuracy."""
-    from .warmstart import format_warmstart
-
-    model, processor = build_tiny_llava(**kwargs)
-    format_warmstart(model, processor)
-    return model, processor
-
-
-def builders() -> dict:
-    """``tiny:<name>`` -> builder: the two above, the format warm-start, and every family of :mod:`.tiny_families`."""
-    from .tiny_families import BUILDERS as FAMILIES
-
-    return {"llava": build_tiny_llava, "qwen2_5_vl": build_tiny_qwen2_5_vl, "llava-format": build_tiny_llava_format,
-            **FAMILIES}
-
-
-def tiny_vlm_path(root: str | os.PathLike, architecture: str = "llava", **kwargs) -> Path:
-    """Build a tiny VLM into ``root`` once (atomically) and return the folder, loadable by ``from_pretrained``."""
-    known = builders()
-    if architecture not in known:
-        raise ValueError(f"unknown tiny architecture {architecture!r}; choose one of {sorted(known)}")
-    root = Path(root)
-    if (root / "config.json").exists() and (root / "processor_config.json").exists():
-        return root
-    root.parent.mkdir(parents=True, exist_ok=True)
-    model, processor = known[architecture](**kwargs)
-    staging = Path(tempfile.mkdtemp(prefix=root.name + ".", dir=root.parent))
-    model.save_pretrained(staging)
-    processor.save_pretrained(staging)
-    try:
-        staging.rename(root)
-    except OSError:  # another process finished first; its build is identical
-        import shutil
-
-        shutil.rmtree(staging, ignore_errors=True)
-    return root
-
-
-def tiny_llava_path(root: str | os.PathLike, **kwargs) -> Path:
-    """:func:`tiny_vlm_path` for the LLaVA-style architecture."""
-    return tiny_vlm_path(root, "llava", **kwargs)

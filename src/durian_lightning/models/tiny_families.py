@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .tiny import _chat_template, _seeded_model, _text_config, _train_tokenizer
+from durian_lightning.models.tiny import _chat_template, _seeded_model, _text_config, _train_tokenizer
 
 QWEN_VISION_MARKUP = "<|vision_start|><|image_pad|><|vision_end|>"
 QWEN_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
@@ -163,8 +163,13 @@ def build_tiny_internvl(text_hidden: int = 64, num_layers: int = 2, vocab_size: 
                         image_size: int = 32):
     """InternVL 3: InternViT + pixel-shuffle projector; the image processor tiles large images (``crop_to_patches``)
     into up to ``max_patches`` crops plus a thumbnail, each crop its own run of image tokens."""
-    from transformers import GotOcr2ImageProcessor, InternVLConfig, InternVLForConditionalGeneration, InternVLProcessor
-    from transformers import InternVLVideoProcessor
+    from transformers import (
+        GotOcr2ImageProcessor,
+        InternVLConfig,
+        InternVLForConditionalGeneration,
+        InternVLProcessor,
+        InternVLVideoProcessor,
+    )
 
     template = _chat_template("<IMG_CONTEXT>")
     names = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
@@ -247,8 +252,13 @@ def build_tiny_idefics3(text_hidden: int = 64, num_layers: int = 2, vocab_size: 
 def build_tiny_glm4v(text_hidden: int = 64, num_layers: int = 2, vocab_size: int = 512, seed: int = 0,
                      max_pixels: int = 112 * 112):
     """GLM-4.1V: a Qwen-VL-like ViT with 2-D RoPE and a merger, 3-D RoPE positions in a GLM-4 language model."""
-    from transformers import Glm4vConfig, Glm4vForConditionalGeneration, Glm4vImageProcessor, Glm4vProcessor
-    from transformers import Glm4vVideoProcessor
+    from transformers import (
+        Glm4vConfig,
+        Glm4vForConditionalGeneration,
+        Glm4vImageProcessor,
+        Glm4vProcessor,
+        Glm4vVideoProcessor,
+    )
 
     markup = "<|begin_of_image|><|image|><|end_of_image|>"
     template = _chat_template(markup, ("<|{role}|>\n", ""), "assistant")

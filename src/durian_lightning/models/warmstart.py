@@ -14,9 +14,9 @@ import random
 
 import torch
 
-from ..prompts import DEFAULT_INSTRUCTION, DEFAULT_SYSTEM_PROMPT, build_messages, render_prompt
-from ..scenes import COLORS, make_sample
-from .supervised import supervised_loss
+from durian_lightning.models.prompts import DEFAULT_INSTRUCTION, DEFAULT_SYSTEM_PROMPT, build_messages, render_prompt
+from durian_lightning.models.supervised import supervised_loss
+from durian_lightning.synthetic.scenes import COLORS, make_sample
 
 ANSWERS = [str(n) for n in range(9)] + list(COLORS)
 TARGET = "<think>I look at the shapes.</think> \\boxed{{{answer}}}"

@@ -8,11 +8,13 @@ the same global value.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import time
 
 import torch
 
-from ._distributed import extremes_over_ranks, sum_over_ranks
+from durian_lightning._distributed import extremes_over_ranks, sum_over_ranks
 
 
 class StepMetrics:
@@ -61,6 +63,19 @@ class StepMetrics:
         out.update(zip(lows, low_values))
         out.update(zip(highs, high_values))
         return out
+
+
+class PhaseTimer:
+    """Wall time per phase of a step (summed when a phase runs several times), logged as ``perf/<phase>_s``."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        start = time.perf_counter()
+        yield
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
 
 
 def _value(kind: str, numbers: list[float]) -> float:

@@ -2,7 +2,7 @@
 
 A real VLM reaches RL already able to see (perception pretraining on captions) and to answer in format (instruction
 tuning). :mod:`durian_lightning.models.pretrain` gives the tiny model the same two stages from the scenes made here.
-They are drawn like the bundled data (:mod:`durian_lightning.scenes`: same grid, backgrounds and clutter levels) but
+They are drawn like the bundled data (:mod:`durian_lightning.synthetic.scenes`: same grid, backgrounds and clutter levels) but
 with a wider world (six shapes, twelve colours) so that a user's own simple shapes-and-colours questions are in
 reach too.
 
@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
 
-from .scenes import COLORS as TASK_COLORS
-from .scenes import background, draw_shape, distractor_marks
+from durian_lightning.synthetic.scenes import COLORS as TASK_COLORS
+from durian_lightning.synthetic.scenes import background, distractor_marks, draw_shape
 
 COLORS = {
     **TASK_COLORS,

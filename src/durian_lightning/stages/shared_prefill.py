@@ -25,8 +25,8 @@ from typing import Sequence
 
 import torch
 
-from .image_features import inner_model
-from .models.families import fast_path_verified, transformers_model
+from durian_lightning.models.families import fast_path_verified
+from durian_lightning.models.parts import inner_model, transformers_model
 
 
 def can_share_generate_prefill(model) -> bool:

@@ -39,8 +39,8 @@ from typing import Callable, Literal, Sequence
 
 import torch
 
-from ._validation import check_finite, check_prompt_index, check_vector
-from .difficulty import _check_percentiles, perceptual_groups, reasoning_groups
+from durian_lightning._validation import check_finite, check_prompt_index, check_vector
+from durian_lightning.core.difficulty import _check_percentiles, perceptual_groups, reasoning_groups
 
 DEFAULT_EPS = 1e-6
 

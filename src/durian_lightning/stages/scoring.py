@@ -12,10 +12,10 @@ from typing import Any, Sequence
 
 import torch
 
-from .advantages import consecutive_prompt_index
-from .difficulty import Reduction, sequence_confidence
-from .rewards import WeightedReward
-from .rollout import Rollout, pad_completions
+from durian_lightning.core.advantages import consecutive_prompt_index
+from durian_lightning.core.difficulty import Reduction, sequence_confidence
+from durian_lightning.core.rewards import WeightedReward
+from durian_lightning.stages.rollout import Rollout, pad_completions
 
 # batch keys that are not passed to reward functions (the rest, e.g. a dataset's own columns, are)
 _NOT_REWARD_FIELDS = ("images", "prompt", "answer", "messages", "visual_entropy", "id", "problem", "dataset_index")
@@ -97,6 +97,14 @@ class ScoredRollouts:
                                for name in first.reward_components},
             old_logprobs=stack("old_logprobs"), ref_logprobs=stack("ref_logprobs"),
         )
+
+
+def reward_failures_message(failures: Sequence[str], step: int) -> str | None:
+    """The warning for reward scores that failed and were set to 0 (``reward.on_error: zero``): the first three."""
+    if not failures:
+        return None
+    more = f" (and {len(failures) - 3} more)" if len(failures) > 3 else ""
+    return f"step {step}: {len(failures)} reward score(s) failed and were set to 0{more}: {' | '.join(failures[:3])}"
 
 
 def score_rollouts(

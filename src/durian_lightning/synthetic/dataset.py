@@ -1,8 +1,8 @@
 """A seeded synthetic visual-reasoning dataset: shapes on backgrounds of varying clutter, short verifiable answers.
 
-    python -m durian_lightning.data.synthetic data/synthetic
+    python -m durian_lightning.synthetic.dataset data/synthetic
 
-Scenes come from :mod:`durian_lightning.scenes`: each image has a ``clutter`` level 0-3 that raises its perceptual
+Scenes come from :mod:`durian_lightning.synthetic.scenes`: each image has a ``clutter`` level 0-3 that raises its perceptual
 complexity (plain, gradient, stripes and distractors, pixel noise). Targets are circles, squares and triangles in six
 colours. Questions:
 
@@ -22,7 +22,7 @@ import json
 import random
 from pathlib import Path
 
-from ..scenes import make_sample
+from durian_lightning.synthetic.scenes import make_sample
 
 SPLITS = {"train": 400, "val": 100, "test": 100}
 

@@ -11,7 +11,10 @@ checkpointed: a resumed run starts collecting afresh.
 
 from __future__ import annotations
 
-from .scoring import ScoredRollouts
+from typing import Callable
+
+from durian_lightning.stages.scoring import ScoredRollouts
+from durian_lightning.stages.step_metrics import StepMetrics
 
 
 class PromptBuffer:
@@ -46,6 +49,19 @@ class PromptBuffer:
             taken.append(part)
             count += part.num_prompts
         return ScoredRollouts.concat(taken)
+
+    def collect(self, scored: ScoredRollouts, batch_size: int, reward: str,
+                fewest: Callable[[int], int] = lambda n: n) -> tuple[ScoredRollouts | None, StepMetrics]:
+        """Buffer a step's informative prompts; once ``fewest(len(self))`` (the least any rank holds) reaches a batch,
+        the oldest ``batch_size`` prompts, the surplus dropped; else None. With the metrics of it: the share kept, and
+        how many were dropped."""
+        informative = self.informative(scored, reward)
+        metrics = StepMetrics().mean("train/dynamic_sampling_kept", informative.num_prompts, scored.num_prompts)
+        self.add(informative)
+        if fewest(len(self)) < batch_size:
+            return None, metrics
+        batch = self.take(batch_size)
+        return batch, metrics.total("train/dynamic_sampling_dropped", self.clear())
 
     def clear(self) -> int:
         """Drop every waiting prompt; returns how many."""

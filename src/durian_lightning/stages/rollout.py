@@ -6,7 +6,7 @@ Log-probs are recomputed with one forward function (:func:`completion_logprobs`)
 a rollout batch feeds several optimizer steps) and the reference, so the ratio is exactly 1 where the weights are the
 same. Each forward re-encodes its rows' prompts with the processor: that keeps the code architecture-agnostic (LLaVA
 pixel tensors, Qwen-VL patch lists with grids) at the cost of repeating the cheap image preprocessing; the expensive
-part, the vision tower, runs once per image and step when an :class:`~durian_lightning.image_features.ImageFeatures`
+part, the vision tower, runs once per image and step when an :class:`~durian_lightning.stages.image_features.ImageFeatures`
 is passed (see there).
 """
 
@@ -21,10 +21,16 @@ import torch
 from PIL import Image
 from transformers import GenerationConfig, LogitsProcessor
 
-from .image_features import ImageFeatures
-from .models.families import fast_path_verified, transformers_model
-from .shared_prefill import (can_share_generate_prefill, can_share_prefill, distinct_prompts, prefilled_generate_inputs,
-                             shared_prefill_logits)
+from durian_lightning.models.families import explain_fast_path_off, fast_path_verified
+from durian_lightning.models.parts import transformers_model
+from durian_lightning.stages.image_features import ImageFeatures
+from durian_lightning.stages.shared_prefill import (
+    can_share_generate_prefill,
+    can_share_prefill,
+    distinct_prompts,
+    prefilled_generate_inputs,
+    shared_prefill_logits,
+)
 
 
 @dataclass(frozen=True)
@@ -225,6 +231,14 @@ def generate_rollouts(
         for first in range(0, len(rows_prompts), step)
     ]
     return parts[0] if len(parts) == 1 else Rollout.concat(parts)
+
+
+def explain_rollout_fast_paths_off(model, share_prompt_prefill: bool, cache_implementation: str) -> None:
+    """An info line for each fast path asked for that this model's family is not verified for (the plain path runs)."""
+    if share_prompt_prefill and not fast_path_verified(model, "share_prompt_prefill"):
+        explain_fast_path_off(model, "rollout.share_prompt_prefill in the log-prob passes")
+    if cache_implementation == "static" and not fast_path_verified(model, "static_cache"):
+        explain_fast_path_off(model, "rollout.cache_implementation: static")  # generate keeps the dynamic cache
 
 
 @contextlib.contextmanager

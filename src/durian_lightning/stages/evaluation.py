@@ -1,17 +1,19 @@
 """Evaluation of one completion per prompt: accuracy overall and per perceptual group, per-sample records (for the
-error-vs-difficulty table and per-source accuracy), and prediction rows. Plain functions; the module logs them."""
+error-vs-difficulty table and per-source accuracy), the breakdowns an epoch logs, and prediction rows. Plain
+functions; the module runs them and logs what they return."""
 
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
-from ._distributed import all_gather_records
-from .difficulty import perceptual_groups
-from .rewards import extract_answer
-from .scoring import ScoredRollouts
+from durian_lightning._distributed import all_gather_records
+from durian_lightning.core.difficulty import perceptual_groups
+from durian_lightning.core.rewards import extract_answer
+from durian_lightning.stages.answer_prior import answer_prior_accuracy, most_frequent_answers
+from durian_lightning.stages.scoring import ScoredRollouts
 
 
 def correctness(scored: ScoredRollouts) -> torch.Tensor:
@@ -100,3 +102,32 @@ def prediction_rows(scored: ScoredRollouts) -> list[dict[str, Any]]:
          "reward": float(scored.rewards[i]), "visual_entropy": float(scored.visual_entropy[i])}
         for i in range(scored.num_prompts)
     ]
+
+
+def evaluation_records(generate: Callable[..., ScoredRollouts], batch: dict[str, Any], percentiles: Sequence[float],
+                       thresholds: torch.Tensor | None, samples: int = 0) -> list[dict[str, Any]]:
+    """The batch's records (:func:`sample_records`) of one greedy completion per prompt (``generate(batch)``), with
+    mean@k / pass@k of ``samples`` sampled ones (``generate(batch, k, do_sample=True)``) when k > 0."""
+    records = sample_records(generate(batch), batch, percentiles, thresholds)
+    if samples:
+        sampled = generate(batch, samples, do_sample=True)
+        for name, values in sampled_accuracy(correctness(sampled), samples).items():
+            for record, value in zip(records, values.tolist()):
+                record[name] = value
+    return records
+
+
+def breakdown_metrics(records: Sequence[dict[str, Any]], stage: str, samples: int,
+                      train: Sequence | None = None) -> dict[str, float]:
+    """What an evaluation epoch logs, named ``<stage>/...``: :func:`evaluation_metrics` (``mean@k`` named for its k),
+    accuracy per :data:`BREAKDOWNS` value, and beside them the answer prior, each question type's most frequent answer
+    among the ``train`` samples (when given), scored on the same records."""
+    metrics = {f"{stage}/{name.replace('@k', f'@{samples}')}": value for name, value in evaluation_metrics(records).items()}
+    for column in BREAKDOWNS:
+        metrics.update({f"{stage}/accuracy_{column}_{value}": acc for value, acc in accuracy_by(records, column).items()})
+    if train and records:
+        prior = most_frequent_answers((str(s.extra.get("question_type", "")), s.answer) for s in train)
+        evaluated = [(str(r.get("question_type", "")), r["answer"]) for r in records]
+        for key, accuracy in answer_prior_accuracy(prior, evaluated).items():
+            metrics[f"{stage}/answer_prior" if key == "overall" else f"{stage}/answer_prior_question_type_{key}"] = accuracy
+    return metrics

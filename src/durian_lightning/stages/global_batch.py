@@ -7,13 +7,14 @@ global batch. Every rank gathers it, computes the same advantages for all of it,
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
-from ._distributed import all_gather_1d
-from .advantages import Advantages, DifficultyScores, consecutive_prompt_index
-from .scoring import ScoredRollouts
-from .update import UpdateStats
+from durian_lightning._distributed import all_gather_1d
+from durian_lightning.core.advantages import Advantages, DifficultyScores, consecutive_prompt_index
+from durian_lightning.stages.scoring import ScoredRollouts
+from durian_lightning.stages.update import UpdateStats
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,18 @@ class GlobalBatch:
     def prompt_index(self) -> torch.Tensor:
         return consecutive_prompt_index(self.rewards.numel() // self.num_generations, self.num_generations,
                                         self.rewards.device)
+
+
+def training_thresholds(mode: str, dataset_thresholds: Callable[[], torch.Tensor | None]) -> torch.Tensor | None:
+    """The perceptual thresholds training groups by: the batch's own percentiles (None, ``mode`` "batch"), or the
+    dataset's (``mode`` "dataset"), which need a datamodule that has them."""
+    if mode == "batch":
+        return None
+    thresholds = dataset_thresholds()
+    if thresholds is None:
+        raise ValueError("advantages.entropy_thresholds='dataset' needs a datamodule with entropy_thresholds(), "
+                         "such as MultimodalReasoningDataModule")
+    return thresholds
 
 
 def gather_global_batch(

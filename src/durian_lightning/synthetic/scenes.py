@@ -1,6 +1,6 @@
 """The synthetic visual world: shapes in colours on backgrounds of varying clutter, with a question and its answer.
 
-Both the bundled dataset (:mod:`durian_lightning.data.synthetic`) and the tiny model's warm-start
+Both the bundled dataset (:mod:`durian_lightning.synthetic.dataset`) and the tiny model's warm-start
 (:mod:`durian_lightning.models.warmstart`) draw from it, so it belongs to neither. Each image has a ``clutter`` level
 0-3 that raises its perceptual complexity: a plain background (0), a colour gradient (1), stripes or checks plus a few
 distractor marks (2), or pixel noise and many distractors (3). Everything is drawn with PIL from the given

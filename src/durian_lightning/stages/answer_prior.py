@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Iterable, Sequence
 
-from .rewards import answers_match, normalize_answer
+from durian_lightning.core.rewards import answers_match, normalize_answer
 
 
 def most_frequent_answers(train: Iterable[tuple[str, str]]) -> dict[str, str]:

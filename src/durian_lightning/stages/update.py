@@ -5,22 +5,28 @@ micro-batches (gradient accumulation, memory only).
       -> ``ppo_epochs`` passes over mini-batches of ``mini_batch_size`` prompts: one optimizer step each
         -> micro-batches of ``micro_batch_size`` rollouts: forward + backward, gradients accumulate
 
-Each micro-batch's loss is :func:`~durian_lightning.losses.policy_loss` with the mini-batch's aggregation
+Each micro-batch's loss is :func:`~durian_lightning.core.losses.policy_loss` with the mini-batch's aggregation
 denominator, so the accumulated gradient is exactly that of the mini-batch loss, whatever the micro-batch size.
 Under data parallelism every rank divides by the mean of the ranks' denominators, so the averaged gradient is that
 of the global mini-batch: for ``token-mean``, the sum over every rank's tokens / their number, not a mean of per-rank
 token means (ranks' completions differ in length). The sequence modes' denominators are equal on every rank.
+
+Also here: the optimizer the update steps (:func:`build_optimizer`) and the old-policy and reference log-prob passes
+before it (:func:`old_and_reference_logprobs`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from .losses import PolicyLossConfig, aggregation_denominator, policy_loss
-from .rollout import Rollout
+from durian_lightning.core.losses import PolicyLossConfig, aggregation_denominator, policy_loss
+from durian_lightning.stages.rollout import Rollout, evaluation_mode
+from durian_lightning.stages.scoring import ScoredRollouts
 
 
 @dataclass(frozen=True)
@@ -116,3 +122,44 @@ def ppo_update(
         clip_fraction_low=clipped_low / max(tokens, 1.0), clip_fraction_high=clipped_high / max(tokens, 1.0),
         optimizer_steps=len(step_losses), tokens=tokens, gap_sum=gap_sum, gap_max=gap_max, gap_tokens=gap_tokens,
     )
+
+
+def build_optimizer(parameters: list[torch.nn.Parameter], optimization) -> dict:
+    """AdamW over the trained weights with a linear warm-up of ``optimization.warmup_steps`` optimizer steps; refused
+    for weights in 16 bits, where AdamW's small updates are rounded away (3 steps at lr 1e-6 moved 35 of 16,384 LoRA
+    entries in bf16-true, 16,301 in bf16-mixed, tiny LLaVA)."""
+    half = {str(p.dtype) for p in parameters if p.dtype in (torch.bfloat16, torch.float16)}
+    if half:
+        raise ValueError(
+            f"the trained weights are {', '.join(sorted(half))} (from --trainer.precision bf16-true / 16-true, or "
+            "--model.dtype bfloat16 without LoRA): AdamW's small updates are rounded away in 16 bits. Use "
+            "--trainer.precision bf16-mixed with --model.dtype bfloat16 (the frozen base stays in bfloat16, the "
+            "LoRA adapter trains in float32), or --model.dtype float32 to train every weight"
+        )
+    optimizer = torch.optim.AdamW(parameters, lr=optimization.learning_rate, weight_decay=optimization.weight_decay)
+    warmup = optimization.warmup_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def old_and_reference_logprobs(scored: ScoredRollouts, model, policy: Callable, reference: Callable | None,
+                               micro_batch_size: int, old: bool, timed: Callable = lambda phase: contextlib.nullcontext()
+                               ) -> ScoredRollouts:
+    """``scored`` with the old-policy log-probs (``old``: the batch feeds several optimizer steps) and the reference's
+    (when ``reference`` is given, for a KL term), each ``f(rollout, rows)`` run over micro-batches, without
+    gradients and without dropout: these are the policies' own log-probs."""
+    rows = torch.arange(len(scored.rollout))
+    if not len(rows):
+        return scored
+
+    def run(logprobs) -> torch.Tensor:
+        return torch.cat([logprobs(scored.rollout, chunk) for chunk in rows.split(micro_batch_size)])
+
+    with torch.no_grad(), evaluation_mode(model):
+        if old:
+            with timed("old_logprobs"):
+                scored = dataclasses.replace(scored, old_logprobs=run(policy))
+        if reference is not None:
+            with timed("ref_logprobs"):
+                scored = dataclasses.replace(scored, ref_logprobs=run(reference))
+    return scored

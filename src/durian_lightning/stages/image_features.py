@@ -27,23 +27,10 @@ from typing import Any, Iterable, Sequence
 import torch
 from PIL import Image
 
-from .models.families import explain_fast_path_off, fast_path_verified, transformers_model
+from durian_lightning.models.families import explain_fast_path_off, fast_path_verified
+from durian_lightning.models.parts import image_encoder_inputs, inner_model
 
 log = logging.getLogger(__name__)
-
-
-def inner_model(model):
-    """The transformers model under a peft wrapper, and under its ``ForConditionalGeneration`` head."""
-    base = transformers_model(model)
-    return getattr(base, "model", base)
-
-
-def image_encoder_inputs(inner, pixels, device, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """The image processor's outputs that ``inner.get_image_features`` takes (``image_grid_thw``, ``image_sizes``,
-    ``pixel_attention_mask``, ...), on ``device``; floating ones in ``dtype`` when given."""
-    accepted = inspect.signature(inner.get_image_features).parameters
-    return {k: v.to(device, dtype if dtype is not None and v.is_floating_point() else None)
-            for k, v in pixels.items() if k in accepted and isinstance(v, torch.Tensor)}
 
 
 def accepts_precomputed_features(model) -> bool:

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ._imaging import high_depth_to_uint8
-from ._validation import check_finite, check_prompt_index, check_vector
+from durian_lightning._imaging import high_depth_to_uint8
+from durian_lightning._validation import check_finite, check_prompt_index, check_vector
 
 EigenRoute = Literal["auto", "gram", "covariance", "svd"]
 Reduction = Literal["sum", "mean"]
