@@ -80,6 +80,27 @@ def test_identical_patches_have_zero_entropy():
     assert spectral_entropy(torch.ones(5, 4)).item() == 0.0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_patches_that_differ_only_by_rounding_are_flat(dtype):
+    # a flat image's features, as an encoder's batched and lone calls round them: a common vector and, in two
+    # patches, single rounding steps in different entries (two directions: without the rule, entropy ~log 2)
+    base = torch.tensor([0.5, -0.25, 0.125, 1.0], dtype=dtype).repeat(4, 1)
+    eps = torch.finfo(dtype).eps
+    noisy = base.clone()
+    noisy[0, 0], noisy[1, 1] = 0.5 * (1 + eps), -0.25 * (1 + 2 * eps)
+    assert (noisy != base).sum() == 2  # the steps are representable: the test is not of identical patches
+    assert spectral_entropy(noisy).item() == 0.0
+    # 64 steps (4x FLAT_ULPS) at the rms magnitude is a spread: one direction of variance, entropy 0 by rank, and
+    # a second, orthogonal one gives two equal eigenvalues -> log 2 (computed in float64 from the dtype's values)
+    rms = float(base.double().square().mean().sqrt())
+    spread = base.clone()
+    spread[0, 0] += 64 * eps * rms
+    spread[1, 1] += 64 * eps * rms
+    expected = spectral_entropy(spread.double())
+    assert expected.item() > 0.1
+    assert spectral_entropy(spread).item() == pytest.approx(expected.item(), rel=1e-9)
+
+
 @pytest.mark.parametrize(
     "features, mask, message",
     [

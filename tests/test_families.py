@@ -97,7 +97,8 @@ def test_one_finite_visual_entropy_per_image_from_the_familys_own_encoder(family
     for feature_source in ("vision_tower", "projector"):
         scorer = SpectralEntropyScorer(model, processor, -1, feature_source)
         values = scorer(flat)
-        assert len(values) == len(flat) and all(math.isfinite(v) and v > 0 for v in values)
+        # the noise images have variance; the flat blue one may not (a RoPE encoder gives its patches one feature)
+        assert len(values) == len(flat) and all(math.isfinite(v) and v >= 0 for v in values) and min(values[1:]) > 0
         alone = [scorer([image])[0] for image in flat]
         assert values == pytest.approx(alone, rel=1e-5)
         features = scorer.image_features(flat[1])  # a tiling processor's crops of one image are its patch set

@@ -28,6 +28,9 @@ EigenRoute = Literal["auto", "gram", "covariance", "svd"]
 Reduction = Literal["sum", "mean"]
 
 
+FLAT_ULPS = 16  # see spectral_entropy: a spread this many rounding steps of the features' dtype is no variance
+
+
 def spectral_entropy(
     features: torch.Tensor,
     mask: torch.Tensor | None = None,
@@ -46,7 +49,9 @@ def spectral_entropy(
     Centring and decomposition run in ``dtype`` (float64 by default): features with a large common offset lose
     their small eigenvalues to cancellation in float32. Eigenvalues below ``max(lambda) * max(P, d) * machine
     epsilon`` are rounding noise and are treated as zero, so rank-one features have entropy exactly 0.
-    An image whose real patches are all identical has no variance and gets entropy 0. Returns ``(B,)`` in ``dtype``
+    An image whose real patches are all identical has no variance and gets entropy 0, and so does one whose patches
+    differ from their mean by no more than :data:`FLAT_ULPS` rounding steps of the input's dtype at the features'
+    root-mean-square magnitude (a flat image, whose encoder output differs only by rounding). Returns ``(B,)`` in ``dtype``
     (a 0-d tensor for a single image).
     """
     if not isinstance(features, torch.Tensor):
@@ -84,6 +89,13 @@ def spectral_entropy(
     # the products below from overflowing (features ~1e160) or underflowing (~1e-160)
     scale = centred.abs().amax(dim=(1, 2), keepdim=True)
     centred = centred / torch.where(scale > 0, scale, torch.ones_like(scale))
+    # The features are only as exact as their dtype: an image whose every patch lies within FLAT_ULPS rounding steps of
+    # the patches' mean, at the features' root-mean-square magnitude, has no variance to measure (a flat image; a
+    # batched and a lone encoder call round it differently), so its entropy is 0, not that of the rounding noise
+    precision = torch.finfo(features.dtype).eps if features.is_floating_point() else 0.0
+    largest = (x.abs() * weights).amax(dim=(1, 2)).clamp_min(torch.finfo(dtype).tiny)  # squares of 1e160 would overflow
+    rms = largest * (((x / largest.view(batch, 1, 1)).square() * weights).sum(dim=(1, 2)) / (n.view(batch) * dim)).sqrt()
+    flat = scale.view(batch) <= FLAT_ULPS * precision * rms
 
     if route == "auto":
         route = "gram" if patches <= dim else "covariance"
@@ -97,6 +109,7 @@ def spectral_entropy(
         raise ValueError(f"route must be 'auto', 'gram', 'covariance' or 'svd', got {route!r}")
     eigenvalues = eigenvalues / (n.view(batch, 1) - 1)
     entropy = _entropy_of_spectrum(eigenvalues, tolerance=max(patches, dim) * torch.finfo(dtype).eps)
+    entropy = torch.where(flat, torch.zeros_like(entropy), entropy)
     return entropy.squeeze(0) if single else entropy
 
 

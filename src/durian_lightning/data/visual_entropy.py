@@ -20,7 +20,8 @@ def entropy_fingerprint(method: str, **identity) -> str:
     """SHA-256 naming what a scorer's number depends on besides the image bytes: the method, and for the spectral
     one the model's file hashes, layer, feature source, image processor and its arguments, dtype; and the
     ``max_image_side`` the image is shrunk to before any of that. Computed without loading any model."""
-    payload = {"scorer": f"{method}-entropy/v2", **identity}
+    # v3: a flat image's spectral entropy is 0 (core.difficulty.FLAT_ULPS), not that of rounding noise
+    payload = {"scorer": f"{method}-entropy/{'v3' if method == 'spectral' else 'v2'}", **identity}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
