@@ -2,7 +2,7 @@
 same checks. Exact log-probs (batched = alone, recorded while sampling = recomputed), LoRA on the language model only,
 one finite visual entropy per image (tiled processors too), the fast paths exact where on and off elsewhere, the
 family's own inputs in every pass, the system prompt in the rendered prompt, and a CLI fit / validate whose adapter
-reloads with peft."""
+reloads with peft and exports as a merged model that completes alike."""
 
 import dataclasses
 import logging
@@ -171,11 +171,12 @@ def test_the_system_prompt_reaches_the_rendered_prompt(family):
         assert SYSTEM in rendered
 
 
-def test_cli_fit_and_validate_and_the_adapter_reloads_with_peft(family, tmp_path):
+def test_cli_fit_and_validate_and_the_adapter_reloads_with_peft_and_exports_merged(family, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText
 
     from durian_lightning.cli import run_cli
+    from durian_lightning.export import export
 
     from .test_training import fit_args, small_data_folder
 
@@ -194,6 +195,8 @@ def test_cli_fit_and_validate_and_the_adapter_reloads_with_peft(family, tmp_path
     rollout_of = lambda m, p, s: generate_rollouts(m, p, [s["prompt"]], [s["images"]], 1, greedy)  # noqa: E731
     after = [rollout_of(m, processor, sample).completion_ids for m in (trained, reloaded)]
     assert torch.equal(after[0], after[1])
+    merged = AutoModelForImageTextToText.from_pretrained(export(adapter, tmp_path / "merged")).eval()  # alone
+    assert torch.equal(rollout_of(merged, processor, sample).completion_ids, after[0])
     with torch.no_grad():  # the update moved the policy: the adapter is not a no-op
         adapted = completion_logprobs(reloaded, processor, rollout_of(reloaded, processor, sample), [0])
         with reloaded.disable_adapter():
