@@ -155,6 +155,10 @@ QUIET_WARNINGS = (
 )
 
 
+EXPORT_HELP = ("durian export SOURCE --out FOLDER [--format merged|adapter]: a checkpoint's or adapter folder's policy as a "
+               "merged model folder (or its adapter) for evaluation and serving tools; durian export --help for more")
+
+
 def run_cli(args: list[str] | None = None, default_config: bool = True) -> DurianCLI:
     """Parse ``args`` (default: the command line) and run the subcommand; returns the CLI (trainer, model, data).
 
@@ -169,9 +173,9 @@ def run_cli(args: list[str] | None = None, default_config: bool = True) -> Duria
             check_checkpoint(args[i + 1])
         elif arg.startswith("--ckpt_path="):
             check_checkpoint(arg.split("=", 1)[1])
-    parser_kwargs = {}
+    parser_kwargs = {"epilog": EXPORT_HELP}
     if default_config and DEFAULT_CONFIG.is_file() and not _names_a_config(args):
-        parser_kwargs = {cmd: {"default_config_files": [str(DEFAULT_CONFIG)]} for cmd in ("fit", "validate", "test", "predict")}
+        parser_kwargs.update({cmd: {"default_config_files": [str(DEFAULT_CONFIG)]} for cmd in ("fit", "validate", "test", "predict")})
     with warnings.catch_warnings():
         # args always come from here (the command line passed through _preset_sets_its_own_values)
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
