@@ -34,6 +34,11 @@ def place(module: str) -> tuple[str, int]:
     return "", TOP
 
 
+def is_module(name: str) -> bool:
+    path = PACKAGE.parent / name.replace(".", "/")
+    return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
+
+
 def imports_of(file: Path) -> set[str]:
     """The package modules ``file`` imports (``from durian_lightning.x import y`` names x, or x.y when y is one)."""
     found = set()
@@ -45,8 +50,8 @@ def imports_of(file: Path) -> set[str]:
         for name in names:
             if name.startswith("durian_lightning."):
                 found.add(name)
-                if isinstance(node, ast.ImportFrom):
-                    found.update(f"{name}.{a.name}" for a in node.names if (PACKAGE.parent / f"{name}.{a.name}".replace(".", "/")).with_suffix(".py").exists())
+                if isinstance(node, ast.ImportFrom):  # from durian_lightning.models import families: a module too
+                    found.update(f"{name}.{a.name}" for a in node.names if is_module(f"{name}.{a.name}"))
     return found
 
 

@@ -175,7 +175,8 @@ def run_cli(args: list[str] | None = None, default_config: bool = True) -> Duria
             check_checkpoint(arg.split("=", 1)[1])
     parser_kwargs = {"epilog": EXPORT_HELP}
     if default_config and DEFAULT_CONFIG.is_file() and not _names_a_config(args):
-        parser_kwargs.update({cmd: {"default_config_files": [str(DEFAULT_CONFIG)]} for cmd in ("fit", "validate", "test", "predict")})
+        defaults = {"default_config_files": [str(DEFAULT_CONFIG)]}
+        parser_kwargs.update({cmd: defaults for cmd in ("fit", "validate", "test", "predict")})
     with warnings.catch_warnings():
         # args always come from here (the command line passed through _preset_sets_its_own_values)
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")

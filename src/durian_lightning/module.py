@@ -128,8 +128,6 @@ class DurianGRPO(L.LightningModule):
         return self.reference(completion_logprobs, self.processor, rollout, rows, self.rollout.temperature,
                               self.image_features, self.rollout.share_prompt_prefill)
 
-    # ------------------------------------------------------------------------------------------ training
-
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         opt = self.optimization
         self.last_update = None  # set again only if this step updates the policy
@@ -153,7 +151,8 @@ class DurianGRPO(L.LightningModule):
             scored = self._logprob_passes(scored, old=opt.ppo_epochs > 1 or mini_batch_size < scored.num_prompts)
 
         with self._timed("advantages"):
-            world = gather_global_batch(scored, self.trainer.world_size, self.global_rank, training_thresholds(self.advantages.entropy_thresholds, self.perceptual_thresholds))
+            thresholds = training_thresholds(self.advantages.entropy_thresholds, self.perceptual_thresholds)
+            world = gather_global_batch(scored, self.trainer.world_size, self.global_rank, thresholds)
             advantages = self.estimator(world.rewards, world.prompt_index, world.scores, self.advantages)
         self.last_update = UpdateRecord(world, advantages, scored)
         update = UpdateBatch(scored.rollout, self.last_update.local_advantages.float(), scored.num_generations,
@@ -218,8 +217,6 @@ class DurianGRPO(L.LightningModule):
     def _world(self) -> int:
         return self.trainer.world_size if self._trainer is not None else 1
 
-    # ------------------------------------------------------------------------------------------ evaluation
-
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._evaluate(batch, "val")
 
@@ -273,8 +270,6 @@ class DurianGRPO(L.LightningModule):
         train = getattr(getattr(self.trainer, "datamodule", None), "samples", {}).get("train")
         for name, value in breakdown_metrics(records, stage, self.evaluation.samples, train).items():
             self.log(name, value, prog_bar=name == f"{stage}/accuracy")
-
-    # ------------------------------------------------------------------------------------------ checkpoints
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["state_dict"] = trainable_state(checkpoint["state_dict"], self.model)
