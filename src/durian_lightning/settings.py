@@ -76,10 +76,10 @@ class RolloutSettings:
         max_sequences_per_generate: the most rows (prompts x G) one ``generate`` call holds; the KV cache of a call
             grows with rows x tokens, so this bounds a step's peak memory (default: the whole batch in one call).
         reuse_image_features: encode each image once per step and reuse its features in generation and every
-            log-prob pass, when nothing on the image path trains (image_features.py); False encodes in every pass.
+            log-prob pass, when nothing on the image path trains (stages/image_features.py); False encodes in every pass.
         share_prompt_prefill: run each prompt once for all its rows: in ``generate`` (the G copies of a prompt start
             from one prefill; with the dynamic cache) and in the log-prob passes (each prompt once per micro-batch,
-            then only the completions per row; off under gradient checkpointing). shared_prefill.py; exact where on;
+            then only the completions per row; off under gradient checkpointing). stages/shared_prefill.py; exact where on;
             False runs every row's prompt.
         cache_implementation: dynamic (transformers' default, grows with the tokens) or static (preallocated for
             max_new_tokens, which CUDA graphs / torch.compile need); static runs only for the families the
