@@ -19,9 +19,9 @@ from durian_lightning.data import SpectralEntropyScorer
 from durian_lightning.models import load_policy, resolve_model_path
 from durian_lightning.models.families import FAMILIES
 from durian_lightning.models.loading import load_image_encoder
-from durian_lightning.models.prompts import build_messages, render_prompt
+from durian_lightning.models.prompts import build_messages, encode_prompts, render_prompt
 from durian_lightning.stages.image_features import ImageFeatures
-from durian_lightning.stages.rollout import SamplingConfig, completion_logprobs, encode_prompts, generate_rollouts
+from durian_lightning.stages.rollout import SamplingConfig, completion_logprobs, generate_rollouts
 from durian_lightning.stages.shared_prefill import can_share_prefill
 
 from .test_shared_prefill import _logprobs_and_grads

@@ -32,7 +32,13 @@ from pathlib import Path
 
 import torch
 
-from durian_lightning.models.prompts import DEFAULT_INSTRUCTION, DEFAULT_SYSTEM_PROMPT, build_messages, render_prompt
+from durian_lightning.models.prompts import (
+    DEFAULT_INSTRUCTION,
+    DEFAULT_SYSTEM_PROMPT,
+    build_messages,
+    encode_prompts,
+    render_prompt,
+)
 from durian_lightning.models.supervised import supervised_loss
 from durian_lightning.models.tiny import build_tiny_llava
 from durian_lightning.synthetic.scene_text import (
@@ -150,9 +156,7 @@ def caption_color_overlap(model, processor, num_scenes: int = 16, seed: str = "h
     rng = random.Random(seed)
     scenes = [random_scene(rng) for _ in range(num_scenes)]
     prompt = render_prompt(processor, build_messages(LIST_SHAPES, 1, DEFAULT_SYSTEM_PROMPT, None))
-    processor.tokenizer.padding_side = "left"
-    encoded = processor(text=[prompt] * num_scenes, images=[[image] for image, _ in scenes], return_tensors="pt",
-                        padding=True)
+    encoded = encode_prompts(processor, [prompt] * num_scenes, [[image] for image, _ in scenes], None)
     generated = model.generate(**encoded, max_new_tokens=48, do_sample=False)
     captions = processor.batch_decode(generated[:, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
     named = [{w for w in caption.replace(",", " ").split() if w in COLORS} for caption in captions]

@@ -23,6 +23,7 @@ from transformers import GenerationConfig, LogitsProcessor
 
 from durian_lightning.models.families import explain_fast_path_off, fast_path_verified
 from durian_lightning.models.parts import transformers_model
+from durian_lightning.models.prompts import encode_prompts
 from durian_lightning.stages.image_features import ImageFeatures
 from durian_lightning.stages.shared_prefill import (
     can_share_generate_prefill,
@@ -97,28 +98,6 @@ class Rollout:
 def pad_completions(values: torch.Tensor, width: int) -> torch.Tensor:
     """Right-pad ``(N, T)`` completion values with zeros to ``(N, width)`` (padded positions are masked out)."""
     return torch.nn.functional.pad(values, (0, width - values.shape[1]))
-
-
-def encode_prompts(processor, prompts: Sequence[str], images: Sequence[Sequence[Image.Image]], max_prompt_length: int | None, ids: Sequence[str] | None = None):
-    """Tokenize prompts with their images, left-padded; a prompt over ``max_prompt_length`` tokens is an error.
-
-    Images go nested per prompt: every family's processor takes that, and some need it (Gemma 3 and 4 count images
-    per prompt; LLaVA-OneVision expands a flat list differently)."""
-    tokenizer = processor.tokenizer
-    tokenizer.padding_side = "left"
-    nested = [list(row) for row in images]
-    encoded = processor(text=list(prompts), images=nested if any(nested) else None, return_tensors="pt", padding=True)
-    if max_prompt_length is not None:
-        lengths = encoded["attention_mask"].sum(dim=1)
-        too_long = (lengths > max_prompt_length).nonzero().flatten().tolist()
-        if too_long:
-            row = too_long[0]
-            name = f"sample {ids[row]!r}" if ids is not None else f"prompt {row}"
-            raise ValueError(
-                f"{name} has {int(lengths[row])} prompt tokens (images included), over max_prompt_length="
-                f"{max_prompt_length}; raise the limit or shrink the images"
-            )
-    return encoded
 
 
 def completion_mask_after_eos(completion_ids: torch.Tensor, eos_token_ids: Sequence[int]) -> torch.Tensor:
