@@ -15,7 +15,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "durian_lightning"
 PRIVATE = {"_validation", "_imaging", "_distributed"}
-LAYERS = {"core": 1, "synthetic": 1, "models": 2, "data": 3, "stages": 3}
+LAYERS = {"core": 1, "synthetic": 1, "models": 2, "data": 3, "stages": 3, "scale": 3}
 TOP = 4
 
 

@@ -94,7 +94,7 @@ def test_the_update_refuses_the_on_policy_shortcut_for_several_optimizer_steps(p
     batch = UpdateBatch(s.rollout, torch.ones(4), G)  # no old log-probs
     with pytest.raises(ValueError, match="old_logprobs are needed"):
         ppo_update(batch, lambda rows: torch.zeros(len(rows), 2), PolicyLossConfig(), mini_batch_size, 4, ppo_epochs,
-                   lambda loss: None, lambda: None)
+                   lambda loss, last: None, lambda: None)
 
 
 def test_the_filter_compares_the_named_reward_component():
@@ -174,7 +174,7 @@ def test_the_update_measures_the_gap_between_recorded_and_recomputed_log_probs_o
 
     old = recomputed.clone() if with_old else None
     stats = ppo_update(UpdateBatch(s.rollout, torch.ones(4), G, old), logprobs, PolicyLossConfig(), 1 if with_old else 2,
-                       4, 3 if with_old else 1, lambda loss: loss.backward(), step)
+                       4, 3 if with_old else 1, lambda loss, last: loss.backward(), step)
     # the 7 real tokens once each (not once per epoch): |0.1| + |-0.2| + 0 + 0.3 + 0.5 + 0 + 0.05 = 1.15
     assert stats.gap_tokens == 7 and stats.gap_sum == pytest.approx(1.15, abs=1e-6)
     assert stats.gap_max == pytest.approx(0.5)
@@ -188,7 +188,7 @@ def test_the_update_weights_its_loss_by_the_recorded_log_probs_when_the_correcti
         recomputed = s.rollout.sampled_logprobs + shift  # the training forward, off by a constant
         config = PolicyLossConfig(aggregation="token-mean", rollout_correction=correction)
         return ppo_update(UpdateBatch(s.rollout, advantages, G), lambda rows: recomputed[rows].clone(), config, 2, 4, 1,
-                          lambda loss: None, lambda: None).loss
+                          lambda loss, last: None, lambda: None).loss
 
     # ratio 1, so each token's surrogate is -A; with the correction weighted by min(exp(shift), 2)
     assert loss(0.3, "none") == pytest.approx(-advantages.mean().item())

@@ -67,7 +67,7 @@ def extremes_over_ranks(lows: list[float], highs: list[float], world: int,
 
 def average_gradients(params: list[torch.nn.Parameter], world: int) -> None:
     """Replace every gradient by its mean over ranks (the data-parallel update), in one flat all-reduce."""
-    if world <= 1:
+    if world <= 1 or not params:
         return
     flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
     torch.distributed.all_reduce(flat)

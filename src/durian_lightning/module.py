@@ -20,13 +20,13 @@ from typing import Any, Literal
 import lightning as L
 import torch
 
-from durian_lightning._distributed import (average_gradients, failing_together, mean_over_ranks, min_over_ranks,
-                                           require_ddp)
+from durian_lightning._distributed import average_gradients, failing_together, mean_over_ranks, min_over_ranks
 from durian_lightning.checkpointing import restore_rng_state, rng_states, seed_rank, trainable_state
 from durian_lightning.core.advantages import AdvantageSettings, get_estimator
 from durian_lightning.export import save_run_adapter
 from durian_lightning.models.loading import load_policy
 from durian_lightning.models.reference import ReferencePolicy
+from durian_lightning.scale.fsdp2 import global_norm, replicated, set_gradient_sync, unsharded
 from durian_lightning.settings import (EvaluationSettings, LoraSettings, LossSettings, OptimizationSettings,
                                       RewardSettings, RolloutSettings, as_settings, training_summary)
 from durian_lightning.stages.dynamic_sampling import PromptBuffer
@@ -37,6 +37,7 @@ from durian_lightning.stages.rollout import completion_logprobs, explain_rollout
 from durian_lightning.stages.scoring import ScoredRollouts, reward_failures_message, score_rollouts
 from durian_lightning.stages.step_metrics import PhaseTimer, StepMetrics, training_step_metrics
 from durian_lightning.stages.update import UpdateBatch, build_optimizer, old_and_reference_logprobs, ppo_update
+from durian_lightning.strategy import check_strategy, shard_under_fsdp2
 
 log = logging.getLogger(__name__)
 
@@ -104,14 +105,15 @@ class DurianGRPO(L.LightningModule):
         self.model, self.processor = load_policy(hp.model_name_or_path, hp.dtype, self.lora.enabled, self.lora.r,
                                                  self.lora.alpha, self.lora.dropout, self.lora.target_modules,
                                                  hp.gradient_checkpointing)
-        if self.loss_config.kl_coef > 0:
+        if self.loss_config.kl_coef > 0:  # a full fine-tuning reference is copied before sharding, then sharded too
             self.reference = ReferencePolicy(self.model, lora=self.lora.enabled)
+        shard_under_fsdp2(self._trainer, [self.model, getattr(self.reference, "frozen", None)], not self.lora.enabled)
         self.image_features = ImageFeatures(self.model, self.processor, self.rollout.reuse_image_features)
         explain_rollout_fast_paths_off(self.model, self.rollout.share_prompt_prefill, self.rollout.cache_implementation)
 
     def setup(self, stage: str) -> None:
         if stage == "fit":
-            require_ddp(self.trainer)
+            check_strategy(self.trainer)
 
     def configure_optimizers(self):
         return build_optimizer(self._trainable(), self.optimization)
@@ -191,15 +193,17 @@ class DurianGRPO(L.LightningModule):
         return old_and_reference_logprobs(scored, self.model, self.policy_logprobs, reference,
                                           self.optimization.micro_batch_size, old, self._timed)
 
-    def _backward(self, loss: torch.Tensor) -> None:
-        # DDP would all-reduce in every backward (one per micro-batch): averaged once per optimizer step instead
+    def _backward(self, loss: torch.Tensor, last: bool) -> None:
+        """DDP would all-reduce in every backward (one per micro-batch): the module averages once per optimizer step
+        instead. FSDP2 reduce-scatters its sharded gradients in the backward of the step's last micro-batch only."""
+        set_gradient_sync(self.model, last)
         block = getattr(self.trainer.strategy, "block_backward_sync", None)
         with block() if block is not None else contextlib.nullcontext():
             self.manual_backward(loss)
 
     def _optimizer_step(self) -> None:
         optimizer = self.optimizers()
-        average_gradients(self._trainable(), self.trainer.world_size)
+        average_gradients(replicated(self._trainable()), self.trainer.world_size)  # FSDP2 has reduced its shards
         optimizer.step()  # clips in on_before_optimizer_step
         self.lr_schedulers().step()
         optimizer.zero_grad()
@@ -208,7 +212,7 @@ class DurianGRPO(L.LightningModule):
         """Clip here, not before ``optimizer.step()``: under ``16-mixed`` the precision plugin unscales the gradients
         just before this hook, and clipping them still scaled (x 65,536) would shrink every update to nothing."""
         norm = torch.nn.utils.clip_grad_norm_(self._trainable(), self.optimization.max_grad_norm)
-        self._grad_norms.append(float(norm))
+        self._grad_norms.append(global_norm(norm))
 
     def _local_phase(self):
         """A part of the step with no collective inside: one rank's exception stops every rank right after it."""
@@ -248,9 +252,10 @@ class DurianGRPO(L.LightningModule):
         return None
 
     def _generate(self, batch: dict[str, Any], k: int, sampling):
-        return generate_rollouts(self.model, self.processor, batch["prompt"], batch["images"], k, sampling,
-                                 self.rollout.max_prompt_length, batch["id"], self.rollout.max_sequences_per_generate,
-                                 self.image_features)
+        with unsharded(self.model):  # under fsdp2: every unit gathered once for the call, not once per token
+            return generate_rollouts(self.model, self.processor, batch["prompt"], batch["images"], k, sampling,
+                                     self.rollout.max_prompt_length, batch["id"], self.rollout.max_sequences_per_generate,
+                                     self.image_features)
 
     def _generate_once(self, batch: dict[str, Any], k: int = 1, do_sample: bool | None = None) -> ScoredRollouts:
         """``k`` completions per prompt (one, greedy unless ``evaluation.do_sample``, by default), scored."""

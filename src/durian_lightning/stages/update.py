@@ -66,14 +66,15 @@ def ppo_update(
     mini_batch_size: int,
     micro_batch_size: int,
     ppo_epochs: int,
-    backward: Callable[[torch.Tensor], None],
+    backward: Callable[[torch.Tensor, bool], None],
     optimizer_step: Callable[[], None],
     mean_over_ranks: Callable[[float], float] = lambda value: value,
 ) -> UpdateStats:
     """Run the passes; returns their statistics.
 
     ``logprobs(rows)`` gives the current policy's ``(len(rows), T)`` completion log-probs with gradients;
-    ``backward(loss)`` accumulates gradients; ``optimizer_step()`` applies them and zeroes them (gradients must be
+    ``backward(loss, last)`` accumulates gradients (``last``: the optimizer step's last micro-batch, where
+    gradients sharded over ranks are reduced); ``optimizer_step()`` applies them and zeroes them (gradients must be
     zero on entry). ``mini_batch_size`` is in prompts, ``micro_batch_size`` in rollouts. ``mean_over_ranks`` (a
     collective under data parallelism) gives the mini-batch's loss denominator every rank uses. The rollout's recorded
     sampling log-probs are the behaviour policy: compared with the old ones (``gap_*`` statistics) and, with
@@ -96,7 +97,8 @@ def ppo_update(
             rows = torch.arange(first * g, min(num_prompts, first + mini_batch_size) * g)
             denominator = mean_over_ranks(aggregation_denominator(mask[rows], loss_config.aggregation))
             step_loss = step_kl = 0.0
-            for chunk in rows.split(micro_batch_size):
+            chunks = rows.split(micro_batch_size)
+            for index, chunk in enumerate(chunks):
                 current = logprobs(chunk)
                 old = current.detach() if batch.old_logprobs is None else batch.old_logprobs[chunk]
                 ref = None if batch.ref_logprobs is None else batch.ref_logprobs[chunk]
@@ -107,7 +109,7 @@ def ppo_update(
                     gap = (old.detach() - recorded).abs() * mask[chunk]
                     gap_sum, gap_max = gap_sum + float(gap.sum()), max(gap_max, float(gap.max()))
                     gap_tokens += float(mask[chunk].sum())
-                backward(out.loss)
+                backward(out.loss, index == len(chunks) - 1)
                 step_loss += float(out.loss.detach())
                 step_kl += float(out.kl)
                 chunk_tokens = float(mask[chunk].sum())
