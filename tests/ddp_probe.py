@@ -128,3 +128,23 @@ class RecordCheckpoints(L.Callback):
         self.folder.mkdir(parents=True, exist_ok=True)
         with open(self.folder / "checkpoints.jsonl", "a") as f:
             f.write(json.dumps({"step": trainer.global_step, "updates": pl_module.updates}) + "\n")
+
+
+class FailInBackward(L.Callback):
+    """Rank ``rank`` raises inside the backward of the given step's update (as an out-of-memory error in one rank's
+    backward would), in the middle of the model: the layers after it have already run their backward."""
+
+    def __init__(self, rank: int, step: int = 1):
+        self.rank, self.step = rank, step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_rank != self.rank or trainer.global_step != self.step:
+            return
+        from durian_lightning.models.parts import transformers_model
+
+        layers = [m for m in transformers_model(pl_module.model).modules() if type(m).__name__.endswith("DecoderLayer")]
+
+        def fail(module, grad_input, grad_output):
+            raise RuntimeError("out of memory in this rank's backward (simulated)")
+
+        layers[len(layers) // 2].register_full_backward_hook(fail)

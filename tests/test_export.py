@@ -86,7 +86,7 @@ def test_an_adapter_folder_and_a_checkpoint_export_the_same_policy(trained, tmp_
 
 
 def test_a_source_that_is_not_a_run_is_named(tmp_path):
-    with pytest.raises(ValueError, match="neither a checkpoint file nor an adapter folder"):
+    with pytest.raises(ValueError, match="neither a checkpoint .a file, or an fsdp2 run.s folder. nor an adapter folder"):
         export(tmp_path / "nothing-here", tmp_path / "out")
     torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match=r"other.pt is not a checkpoint of a durian-lightning run"):

@@ -114,6 +114,37 @@ def failing_together(world: int, device: torch.device | str = "cpu"):
     stop_together(error, world, device)
 
 
+FAILURE_KEY = "durian/failure"
+
+
+@contextlib.contextmanager
+def failing_inside_collectives(world: int):
+    """Around a part of the step with collectives inside (the policy update: FSDP's all-gathers and reduce-scatters in
+    the forward and backward, the gradient average): a rank that fails there cannot share its exception through a
+    collective, since the others may already wait in one. It writes the exception to the process group's store and
+    stops; the others' pending collective then fails (gloo reports the closed connection at once) and each raises
+    that rank's exception in its place, so every rank stops with the failing rank's message, not the collective's.
+    No checkpoint is written: the update stopped part-way (the last one written holds the last completed update).
+    Under NCCL a collective waiting on a stopped rank ends at the process group's timeout, not at once."""
+    if world <= 1:
+        yield
+        return
+    try:
+        yield
+    except Exception as error:  # noqa: BLE001 - every failure is handed on
+        if getattr(error, STOPPED_TOGETHER, False):
+            raise
+        store = torch.distributed.distributed_c10d._get_default_store()
+        if store.check([FAILURE_KEY]):  # another rank failed first: this one's error is the collective's
+            rank, shared = pickle.loads(store.get(FAILURE_KEY))
+            raise shared from error
+        rank = torch.distributed.get_rank()
+        message = str(error.args[0]) if error.args else type(error).__name__
+        error.args = (f"rank {rank} of {world}: {message}", *error.args[1:])
+        store.set(FAILURE_KEY, pickle.dumps((rank, _portable(error))))
+        raise
+
+
 def _portable(error: BaseException) -> BaseException:
     """The exception as another process can rebuild it: itself, or a RuntimeError naming it when it does not pickle."""
     try:

@@ -11,7 +11,6 @@ written up in docs/method.md.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 from functools import partial
@@ -20,13 +19,15 @@ from typing import Any, Literal
 import lightning as L
 import torch
 
-from durian_lightning._distributed import average_gradients, failing_together, mean_over_ranks, min_over_ranks
+from durian_lightning._distributed import (average_gradients, failing_inside_collectives, failing_together,
+                                           mean_over_ranks, min_over_ranks)
 from durian_lightning.checkpointing import restore_rng_state, rng_states, seed_rank, trainable_state
 from durian_lightning.core.advantages import AdvantageSettings, get_estimator
 from durian_lightning.export import save_run_adapter
 from durian_lightning.models.loading import load_policy
 from durian_lightning.models.reference import ReferencePolicy
-from durian_lightning.scale.fsdp2 import global_norm, replicated, set_gradient_sync, unsharded
+from durian_lightning.scale.fsdp2 import unsharded
+from durian_lightning.scale.gradients import backward_sync, global_norm, replicated
 from durian_lightning.settings import (EvaluationSettings, LoraSettings, LossSettings, OptimizationSettings,
                                       RewardSettings, RolloutSettings, as_settings, training_summary)
 from durian_lightning.stages.dynamic_sampling import PromptBuffer
@@ -159,7 +160,7 @@ class DurianGRPO(L.LightningModule):
         self.last_update = UpdateRecord(world, advantages, scored)
         update = UpdateBatch(scored.rollout, self.last_update.local_advantages.float(), scored.num_generations,
                              scored.old_logprobs, scored.ref_logprobs)
-        with self._timed("policy_update"):
+        with self._timed("policy_update"), failing_inside_collectives(self._world()):
             stats = ppo_update(update, partial(self.policy_logprobs, scored.rollout), self.loss_config, mini_batch_size,
                                opt.micro_batch_size, opt.ppo_epochs, self._backward, self._optimizer_step,
                                partial(mean_over_ranks, world=self._world(), device=self.device))
@@ -196,9 +197,7 @@ class DurianGRPO(L.LightningModule):
     def _backward(self, loss: torch.Tensor, last: bool) -> None:
         """DDP would all-reduce in every backward (one per micro-batch): the module averages once per optimizer step
         instead. FSDP2 reduce-scatters its sharded gradients in the backward of the step's last micro-batch only."""
-        set_gradient_sync(self.model, last)
-        block = getattr(self.trainer.strategy, "block_backward_sync", None)
-        with block() if block is not None else contextlib.nullcontext():
+        with backward_sync(self.trainer.strategy, self.model, last):
             self.manual_backward(loss)
 
     def _optimizer_step(self) -> None:

@@ -155,24 +155,3 @@ def unsharded(model):
             unit.set_reshard_after_forward(unit is not root, recurse=False)
             unit.reshard()
 
-
-def set_gradient_sync(model, sync: bool) -> None:
-    """Whether the next backward reduce-scatters the sharded gradients (False: they accumulate unsharded, for the
-    micro-batches before an optimizer step's last). A no-op for a model that is not sharded."""
-    if is_sharded(model):
-        transformers_model(model).set_requires_gradient_sync(sync)
-
-
-def replicated(params: list[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
-    """The parameters every rank holds whole (all of them under DDP; a LoRA adapter under fsdp2), whose gradients
-    the module averages itself; FSDP2 has reduced the sharded ones (DTensors) in the backward."""
-    from torch.distributed.tensor import DTensor
-
-    return [p for p in params if not isinstance(p, DTensor)]
-
-
-def global_norm(norm: torch.Tensor) -> float:
-    """``clip_grad_norm_``'s result as a number: over sharded gradients it is a DTensor of the global norm."""
-    from torch.distributed.tensor import DTensor
-
-    return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
