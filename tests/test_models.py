@@ -44,3 +44,30 @@ def test_the_models_package_does_not_import_the_data_package():
             "print(sorted(m for m in sys.modules if m.startswith('durian_lightning.data')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
+
+
+def _build_on_rank(rank: int, folder: str) -> None:
+    """One of 2 gloo ranks asking for the same tiny model; rank 1 asks first (rank 0 arrives 3 s later)."""
+    import json
+    import os
+    import time
+    from pathlib import Path
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=2)
+    if rank == 0:
+        time.sleep(3)
+    path = tiny_vlm_path(Path(folder) / "tiny-qwen2_5_vl", "qwen2_5_vl")
+    Path(folder, f"rank{rank}.json").write_text(json.dumps(sorted(os.listdir(path))))
+    torch.distributed.destroy_process_group()
+
+
+def test_ranks_building_a_tiny_model_at_once_all_get_the_whole_model(tmp_path):
+    # under torch.distributed, transformers writes a model on rank 0 only: rank 1's own build has no weights, and
+    # moving it into place first left a folder without them for every later run
+    import json
+
+    torch.multiprocessing.spawn(_build_on_rank, args=(str(tmp_path),), nprocs=2)
+    for rank in (0, 1):
+        files = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert {"config.json", "model.safetensors", "processor_config.json"} <= set(files), files
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("tiny-qwen2_5_vl.")]  # no staging folder left
