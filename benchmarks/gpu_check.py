@@ -3,6 +3,7 @@ mid-size Qwen2.5-VL built from config (random weights), with step time, peak mem
 
     python benchmarks/gpu_check.py                      # tests, then 4 steps of the ~0.5B model
     python benchmarks/gpu_check.py --skip-tests --steps 6 --json gpu_check.json
+    python benchmarks/gpu_check.py --skip-tests --mode fsdp2-full   # every weight trained, sharded over every GPU
 
 It needs torch, transformers, peft, lightning, torchmetrics, pillow and pytest, and none of datasets, jsonargparse
 or math-verify: it builds the module and the data module directly (no CLI) and reads a local data folder it writes
@@ -12,6 +13,11 @@ The training steps run as the recipes do (configs/recipes): bf16 base weights, `
 adapter in float32, LoRA r 64 on the language model, G = 8, Durian-GRPO with KL 0.01 against the base. Random
 weights rarely emit EOS, so every completion runs to ``--new-tokens``: the generated tokens/s is that of full-length
 completions.
+
+``--mode fsdp2-full`` runs the paper's layout instead (configs/recipes without _lora): every weight trained, float32
+weights sharded with fsdp2 over every GPU of the machine (2 or more), bf16 compute under ``bf16-mixed``, the KL
+reference a sharded copy; compare its peak memory per GPU and step time with the default LoRA run. Lightning starts
+the other ranks by running this file again: they find the model and data in ``--workdir``.
 """
 
 from __future__ import annotations
@@ -63,6 +69,8 @@ def write_scenes(folder: Path, n: int, size: int) -> Path:
     """``n`` synthetic scene rows with ``size`` x ``size`` images (a seed of their own)."""
     from durian_lightning.synthetic.scenes import make_sample
 
+    if (folder / "train.jsonl").is_file():  # written by rank 0 of this run (fsdp2-full)
+        return folder
     (folder / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(f"gpu-check-{size}")
     with open(folder / "train.jsonl", "w") as f:
@@ -77,12 +85,15 @@ def build_model(folder: Path, hidden: int, layers: int, image_size: int) -> tupl
     """A Qwen2.5-VL of ``layers`` text and vision blocks of width ``hidden`` (random weights), saved to ``folder``."""
     from durian_lightning.models.tiny import build_tiny_qwen2_5_vl
 
+    if (folder / "parameters.txt").is_file():  # built by rank 0 of this run (fsdp2-full)
+        return folder, int((folder / "parameters.txt").read_text())
     model, processor = build_tiny_qwen2_5_vl(vision_hidden=hidden, text_hidden=hidden, num_layers=layers,
                                              max_pixels=image_size * image_size, text_heads=hidden // 128,
                                              vision_heads=hidden // 64)
     parameters = sum(p.numel() for p in model.parameters())
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
+    (folder / "parameters.txt").write_text(str(parameters))
     return folder, parameters
 
 
@@ -105,15 +116,18 @@ def training_steps(args, tmp: Path) -> dict:
         cache_dir=str(tmp / "cache"), batch_size=args.prompts, image_processor_kwargs={"max_pixels": args.image_size ** 2},
         progress=False,
     )
+    full = args.mode == "fsdp2-full"
     module = DurianGRPO(
-        str(model_path), dtype="bfloat16", lora=LoraSettings(r=64, alpha=128),
+        str(model_path), dtype="float32" if full else "bfloat16", gradient_checkpointing=full,
+        lora=LoraSettings(enabled=not full, r=64, alpha=128),
         rollout=RolloutSettings(num_generations=8, max_new_tokens=args.new_tokens,
                                 max_sequences_per_generate=args.sequences_per_generate),
         advantages=AdvantageSettings(num_reasoning_groups=4), loss=LossSettings(preset="grpo"),
         optimization=OptimizationSettings(learning_rate=1e-6, micro_batch_size=args.micro_batch_size),
     )
     meter = StepMeter()
-    trainer = L.Trainer(accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=args.steps, logger=False,
+    trainer = L.Trainer(accelerator="gpu", devices=torch.cuda.device_count() if full else 1,
+                        strategy="fsdp2" if full else "auto", precision="bf16-mixed", max_steps=args.steps, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=0, callbacks=[meter],
                         default_root_dir=str(tmp / "run"))
     trainer.fit(module, datamodule=data)
@@ -121,10 +135,11 @@ def training_steps(args, tmp: Path) -> dict:
     median = lambda key: sorted(s[key] for s in timed)[len(timed) // 2]  # noqa: E731
     return {
         "device": torch.cuda.get_device_name(), "torch": torch.__version__, "parameters": parameters,
+        "mode": args.mode, "gpus": trainer.world_size,
         "image_size": args.image_size, "prompts_per_step": args.prompts, "G": 8, "new_tokens": args.new_tokens,
         "median_step_seconds": median("seconds"), "median_generate_seconds": median("generate_seconds"),
         "generated_tokens_per_second": median("generated_tokens") / median("generate_seconds"),
-        "peak_memory_gib": max(s["peak_memory_gib"] for s in meter.steps), "steps": meter.steps,
+        "peak_memory_gib_per_gpu": max(s["peak_memory_gib"] for s in meter.steps), "steps": meter.steps,
     }
 
 
@@ -139,10 +154,20 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--sequences-per-generate", type=int, default=None)
     parser.add_argument("--micro-batch-size", type=int, default=16)
+    parser.add_argument("--mode", choices=("lora", "fsdp2-full"), default="lora",
+                        help="lora: LoRA on one GPU (the _lora recipes); fsdp2-full: every weight, sharded over every GPU")
+    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "durian-gpu-check",
+                        help="fsdp2-full: where the model and data are written, once, for every rank")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("gpu_check needs a CUDA device; torch sees none")
+    if args.mode == "fsdp2-full" and torch.cuda.device_count() < 2:
+        sys.exit(f"--mode fsdp2-full shards over 2 or more GPUs; this machine has {torch.cuda.device_count()}")
+    args.workdir = args.workdir / f"hidden{args.hidden}-layers{args.layers}-{args.image_size}px"
+    if os.environ.get("LOCAL_RANK", "0") != "0":  # a rank Lightning started: train only
+        training_steps(args, args.workdir)
+        return
     start = time.perf_counter()
     result: dict = {}
     if not args.skip_tests:
@@ -151,8 +176,11 @@ def main() -> None:
                                                                                    os.environ.get("PYTHONPATH")]))})
         result["cuda_tests"] = "passed" if tests.returncode == 0 else f"FAILED (exit {tests.returncode})"
         print(f"CUDA tests: {result['cuda_tests']} ({time.perf_counter() - start:.0f} s)", flush=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        result.update(training_steps(args, Path(tmp)))
+    if args.mode == "fsdp2-full":
+        result.update(training_steps(args, args.workdir))
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            result.update(training_steps(args, Path(tmp)))
     result["total_seconds"] = time.perf_counter() - start
     summary = {k: v for k, v in result.items() if k != "steps"}
     print(json.dumps(summary, indent=1))

@@ -25,6 +25,7 @@ class DumpSteps(L.Callback):
         self.out, self.steps = out, []
 
     def on_train_start(self, trainer, pl_module) -> None:
+        self.start = self.snapshot(pl_module, False)
         pl_module.optimizers().optimizer.register_step_pre_hook(lambda *_: self.steps.append(self.snapshot(pl_module, True)))
 
     @staticmethod
@@ -34,11 +35,13 @@ class DumpSteps(L.Callback):
         return {n: full(p) if not grads else full(p.grad) if p.grad is not None else None for n, p in named}
 
     def on_fit_end(self, trainer, pl_module) -> None:
+        from durian_lightning.scale.fsdp2 import is_sharded
+
         weights = self.snapshot(pl_module, False)
         rollout = pl_module.last_update.local.rollout
         if trainer.global_rank == 0:
-            torch.save({"grads": self.steps, "weights": weights, "ids": rollout.completion_ids,
-                        "sharded": type(trainer.strategy).__name__}, self.out)
+            torch.save({"grads": self.steps, "start": self.start, "weights": weights, "ids": rollout.completion_ids,
+                        "sharded": is_sharded(pl_module.model)}, self.out)
 
 
 def run(case: str, strategy: str, out: Path) -> None:

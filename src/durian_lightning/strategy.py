@@ -33,6 +33,11 @@ class FSDP2Strategy(ModelParallelStrategy):
             raise ValueError(f"--trainer.strategy {FSDP2} shards the policy over several devices, got {world} "
                              f"({self.num_nodes} node(s) x {self.num_processes} device(s)); one device trains without "
                              "a strategy (or --trainer.devices 2 and more for fsdp2)")
+        model = getattr(getattr(self.lightning_module, "hparams", {}), "get", lambda key: None)("model_name_or_path")
+        if model is not None:
+            from durian_lightning.scale.fsdp2 import check_shardable
+
+            check_shardable(model)
         self._data_parallel_size, self._tensor_parallel_size = world, 1
         super().setup_environment()
 
@@ -87,7 +92,7 @@ def shard_under_fsdp2(trainer, models: list, full_fine_tuning: bool) -> None:
             shard_policy(model, trainer.strategy.device_mesh["data_parallel"], mixed)
 
 
-def check_strategy(trainer, tensor_parallel_size: int = 1) -> None:
+def check_strategy(trainer) -> None:
     """Several processes train under ``ddp`` or ``fsdp2`` only: anything else is refused before the model loads."""
     from lightning.pytorch.strategies import DDPStrategy
 
@@ -96,8 +101,8 @@ def check_strategy(trainer, tensor_parallel_size: int = 1) -> None:
         return
     name = type(strategy).__name__
     if isinstance(strategy, ModelParallelStrategy):
-        raise ValueError(f"{name} (data parallel {strategy._data_parallel_size}, tensor parallel "
-                         f"{strategy._tensor_parallel_size}): tensor parallelism is not supported; use --trainer.strategy "
+        raise ValueError(f"{name}: tensor parallelism is not supported (that strategy's defaults make every device of "
+                         f"a node tensor-parallel, so they would all train on the same data); use --trainer.strategy "
                          f"{FSDP2} (every device data-parallel) or ddp")
     raise ValueError(f"multi-process training supports --trainer.strategy ddp or {FSDP2}, got {name} (Lightning's "
                      f"fsdp is FSDP1, DeepSpeed shards gradients its own way: use {FSDP2} to shard the policy; "

@@ -23,6 +23,7 @@ import logging
 import torch
 
 from durian_lightning._distributed import all_gather_1d
+from durian_lightning.models.loading import resolve_model_path
 from durian_lightning.models.parts import inner_model, transformers_model
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,24 @@ IMAGE_PATH = ("vision_tower", "visual", "vision_model", "multi_modal_projector",
 def no_split_modules(model) -> set[str]:
     """The block classes the model's authors name as never to be split (``_no_split_modules``)."""
     return set(getattr(transformers_model(model), "_no_split_modules", None) or ())
+
+
+def check_shardable(name_or_path: str) -> None:
+    """Refuse, from the config alone (the model is built on the meta device: no weight is read or allocated), a model
+    fsdp2 cannot cut into units: one that names no ``_no_split_modules`` (transformers gathers a composite model's from
+    its parts when it is built, so the class attribute alone would not tell)."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    config = AutoConfig.from_pretrained(resolve_model_path(name_or_path))
+    try:
+        with torch.device("meta"):
+            model = AutoModelForImageTextToText.from_config(config)
+    except ValueError:  # not an image-text-to-text model: loading it says so, with the families that are
+        return
+    if not no_split_modules(model):
+        raise ValueError(f"{name_or_path}: model type {config.model_type!r} ({type(model).__name__}) names no "
+                         "_no_split_modules, so fsdp2 cannot tell its blocks apart to shard them one by one; train it "
+                         "with --trainer.strategy ddp")
 
 
 def make_identical(model: torch.nn.Module) -> int:
