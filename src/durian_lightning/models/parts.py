@@ -13,6 +13,13 @@ def transformers_model(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def is_sharded(model) -> bool:
+    """Whether the model is sharded with FSDP2 (its transformers model is the root unit, see scale/fsdp2.py)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(transformers_model(model), FSDPModule)
+
+
 def inner_model(model):
     """The transformers model under a peft wrapper, and under its ``ForConditionalGeneration`` head."""
     base = transformers_model(model)

@@ -24,7 +24,7 @@ import torch
 
 from durian_lightning._distributed import all_gather_1d
 from durian_lightning.models.loading import resolve_model_path
-from durian_lightning.models.parts import inner_model, transformers_model
+from durian_lightning.models.parts import inner_model, is_sharded, transformers_model
 
 log = logging.getLogger(__name__)
 
@@ -144,12 +144,6 @@ def _recorded_outputs(module, outputs: dict | None = None) -> dict:
     if outputs:
         _CAN_RECORD_REGISTRY[module] = outputs
     return outputs
-
-
-def is_sharded(model) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(transformers_model(model), FSDPModule)
 
 
 @contextlib.contextmanager

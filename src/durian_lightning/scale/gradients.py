@@ -8,8 +8,7 @@ import contextlib
 
 import torch
 
-from durian_lightning.models.parts import transformers_model
-from durian_lightning.scale.fsdp2 import is_sharded
+from durian_lightning.models.parts import is_sharded, transformers_model
 
 
 def backward_sync(strategy, model, last: bool):

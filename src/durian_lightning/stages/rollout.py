@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -22,7 +23,7 @@ from PIL import Image
 from transformers import GenerationConfig, LogitsProcessor
 
 from durian_lightning.models.families import explain_fast_path_off, fast_path_verified
-from durian_lightning.models.parts import transformers_model
+from durian_lightning.models.parts import is_sharded, transformers_model
 from durian_lightning.models.prompts import encode_prompts
 from durian_lightning.stages.image_features import ImageFeatures
 from durian_lightning.stages.shared_prefill import (
@@ -32,6 +33,8 @@ from durian_lightning.stages.shared_prefill import (
     prefilled_generate_inputs,
     shared_prefill_logits,
 )
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -216,6 +219,9 @@ def explain_rollout_fast_paths_off(model, share_prompt_prefill: bool, cache_impl
     """An info line for each fast path asked for that this model's family is not verified for (the plain path runs)."""
     if share_prompt_prefill and not fast_path_verified(model, "share_prompt_prefill"):
         explain_fast_path_off(model, "rollout.share_prompt_prefill in the log-prob passes")
+    elif share_prompt_prefill and is_sharded(model):
+        log.info("rollout.share_prompt_prefill in the log-prob passes is off under fsdp2 (a resume would not reproduce "
+                 "the run's gradients to the last bit); generate still shares each prompt's prefill")
     if cache_implementation == "static" and not fast_path_verified(model, "static_cache"):
         explain_fast_path_off(model, "rollout.cache_implementation: static")  # generate keeps the dynamic cache
 

@@ -26,7 +26,7 @@ from typing import Sequence
 import torch
 
 from durian_lightning.models.families import fast_path_verified
-from durian_lightning.models.parts import inner_model, transformers_model
+from durian_lightning.models.parts import inner_model, is_sharded, transformers_model
 
 
 def can_share_generate_prefill(model) -> bool:
@@ -36,9 +36,11 @@ def can_share_generate_prefill(model) -> bool:
 
 
 def can_share_prefill(model) -> bool:
-    """The family is verified, a cache will be kept (no gradient checkpointing) and the forward is deterministic."""
+    """The family is verified, a cache will be kept (no gradient checkpointing), the forward is deterministic, and
+    the model is not sharded: under fsdp2 the two forwards (prefill, then completions) gave gradients that differed in
+    the last bit between a run and its resume from a checkpoint, so a resume would not reproduce the run."""
     return fast_path_verified(model, "share_prompt_prefill") and not has_active_dropout(model) and not any(
-        getattr(m, "gradient_checkpointing", False) for m in model.modules())
+        getattr(m, "gradient_checkpointing", False) for m in model.modules()) and not is_sharded(model)
 
 
 def has_active_dropout(model) -> bool:
