@@ -31,8 +31,7 @@ class DumpSteps(L.Callback):
     @staticmethod
     def snapshot(pl_module, grads: bool) -> dict:
         named = [(n, p) for n, p in pl_module.model.named_parameters() if p.requires_grad]
-        # a weight no forward reached has no gradient under fsdp2, a zero one under DDP (the module's all-reduce)
-        return {n: full(p) if not grads else full(p.grad) if p.grad is not None else None for n, p in named}
+        return {n: full(p.grad if grads else p) for n, p in named}
 
     def on_fit_end(self, trainer, pl_module) -> None:
         from durian_lightning.scale.fsdp2 import is_sharded
@@ -57,6 +56,7 @@ def run(case: str, strategy: str, out: Path) -> None:
         reward=RewardSettings(functions=["tests.test_training:length_reward"]),
         # 2 prompts a rank: 2 mini-batches of 1 prompt x 2 epochs = 4 optimizer steps, each over 2 micro-batches
         optimization=OptimizationSettings(mini_batch_size=1, micro_batch_size=2, ppo_epochs=2, learning_rate=1e-3,
+                                          weight_decay=0.1,  # decays a weight no forward reached, as DDP does
                                           max_grad_norm=0.05),  # clipping on: the global norm of sharded gradients
     )
     data = MultimodalReasoningDataModule(str(REPO / "data" / "synthetic"), model_name_or_path=f"tiny:{family}",

@@ -32,10 +32,8 @@ def test_one_fsdp2_update_equals_one_ddp_update(tmp_path):
         moved = 0.0
         for step, (want, got) in enumerate(zip(ddp["grads"], fsdp2["grads"])):
             assert want.keys() == got.keys()
-            for name, grad in want.items():
-                # a weight no forward reached: a zero gradient under DDP (the module's all-reduce), none under FSDP
-                other = got[name] if got[name] is not None else torch.zeros_like(grad)
-                torch.testing.assert_close(other, grad, rtol=0, atol=1e-6, msg=f"{case} step {step}: {name}")
+            for name, grad in want.items():  # a weight no forward reached included: a zero gradient on both
+                torch.testing.assert_close(got[name], grad, rtol=0, atol=1e-6, msg=f"{case} step {step}: {name}")
                 moved = max(moved, float(grad.abs().max()))
         assert moved > 1e-3, case  # gradients that could differ
         for name, weight in ddp["weights"].items():
@@ -128,9 +126,10 @@ def test_fsdp2_fit_stops_on_a_sigterm_to_rank_one_resumes_bit_for_bit_and_export
     assert not torch.equal(finals[0]["state_dict"][trained[0]], stopped["state_dict"][trained[0]])  # step 3 trained
 
     # the straight run's checkpoint, exported: transformers alone loads it and completes as the trained policy does
-    samples = [MultimodalReasoningDataModule(str(REPO / "data" / "synthetic"), model_name_or_path="tiny:llava",
-                                             entropy_method="pixel", progress=False).dataset("validation")[i]
-               for i in range(4)]
+    data = MultimodalReasoningDataModule(str(REPO / "data" / "synthetic"), model_name_or_path="tiny:llava",
+                                         entropy_method="pixel", cache_dir=str(tmp_path / "entropy"), progress=False)
+    data.setup("validate")
+    samples = [data.dataset("validation")[i] for i in range(4)]
     policy, processor, _ = load_trained(next((tmp_path / "straight").rglob("last.ckpt")))
     merged = export(next((tmp_path / "straight").rglob("last.ckpt")), tmp_path / "merged")
     alone = AutoModelForImageTextToText.from_pretrained(merged)
@@ -157,7 +156,7 @@ def test_a_failure_on_rank_one_stops_both_fsdp2_ranks_with_its_message(tmp_path,
                                  "--trainer.limit_val_batches", "0", *args, returncode=1, timeout=120)
     for rank in (0, 1):  # each rank's own last error line is rank 1's, not a collective's
         last = [line for line in stderr.splitlines() if line.startswith(f"[rank{rank}]: ") and "Error: " in line][-1]
-        assert f"rank 1 of 2: {message}" in last, last
+        assert "Error: rank 1 of 2: " in last and message in last, last
     checkpoints = {path.name for path in tmp_path.rglob("*.ckpt")}
     if saved is None:  # the update stopped part-way: nothing of it is saved
         assert not checkpoints & {"failure.ckpt", "reward-failure.ckpt"}

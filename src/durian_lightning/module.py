@@ -19,15 +19,14 @@ from typing import Any, Literal
 import lightning as L
 import torch
 
-from durian_lightning._distributed import (average_gradients, failing_inside_collectives, failing_together,
-                                           mean_over_ranks, min_over_ranks)
+from durian_lightning._distributed import failing_inside_collectives, failing_together, mean_over_ranks, min_over_ranks
 from durian_lightning.checkpointing import restore_rng_state, rng_states, seed_rank, trainable_state
 from durian_lightning.core.advantages import AdvantageSettings, get_estimator
 from durian_lightning.export import save_run_adapter
 from durian_lightning.models.loading import load_policy
 from durian_lightning.models.reference import ReferencePolicy
 from durian_lightning.scale.fsdp2 import unsharded
-from durian_lightning.scale.gradients import backward_sync, global_norm, replicated
+from durian_lightning.scale.gradients import backward_sync, global_norm, reduce_gradients
 from durian_lightning.settings import (EvaluationSettings, LoraSettings, LossSettings, OptimizationSettings,
                                       RewardSettings, RolloutSettings, as_settings, training_summary)
 from durian_lightning.stages.dynamic_sampling import PromptBuffer
@@ -202,7 +201,7 @@ class DurianGRPO(L.LightningModule):
 
     def _optimizer_step(self) -> None:
         optimizer = self.optimizers()
-        average_gradients(replicated(self._trainable()), self.trainer.world_size)  # FSDP2 has reduced its shards
+        reduce_gradients(self._trainable(), self.trainer.world_size)
         optimizer.step()  # clips in on_before_optimizer_step
         self.lr_schedulers().step()
         optimizer.zero_grad()

@@ -8,6 +8,7 @@ import contextlib
 
 import torch
 
+from durian_lightning._distributed import average_gradients
 from durian_lightning.models.parts import is_sharded, transformers_model
 
 
@@ -21,12 +22,17 @@ def backward_sync(strategy, model, last: bool):
     return block() if block is not None else contextlib.nullcontext()
 
 
-def replicated(params: list[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
-    """The parameters every rank holds whole (all of them under DDP; a LoRA adapter under fsdp2), whose gradients
-    the module averages itself; FSDP2 has reduced the sharded ones (DTensors) in the backward."""
+def reduce_gradients(params: list[torch.nn.Parameter], world: int) -> None:
+    """Before an optimizer step: average the gradients of the weights every rank holds whole (all of them under DDP;
+    a LoRA adapter under fsdp2) in one all-reduce; FSDP2 has reduce-scattered the sharded ones (DTensors) in the
+    backward. A weight no forward reached gets a zero gradient either way, as DDP's average gives it, so AdamW keeps
+    a state for every weight (a sharded checkpoint then holds them all) and weight decay applies to it as under DDP."""
     from torch.distributed.tensor import DTensor
 
-    return [p for p in params if not isinstance(p, DTensor)]
+    for p in params:
+        if p.grad is None and isinstance(p, DTensor):
+            p.grad = torch.zeros_like(p)
+    average_gradients([p for p in params if not isinstance(p, DTensor)], world)
 
 
 def global_norm(norm: torch.Tensor) -> float:
