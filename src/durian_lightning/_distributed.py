@@ -154,15 +154,3 @@ def _portable(error: BaseException) -> BaseException:
     except Exception:  # noqa: BLE001 - any pickling failure: send the text
         pass
     return RuntimeError(f"{type(error).__name__}: {error}")
-
-
-def require_ddp(trainer) -> None:
-    """Several processes train only under plain DDP: FSDP / DeepSpeed shard gradients, which the module's one flat
-    all-reduce per optimizer step would mix."""
-    from lightning.pytorch.strategies import DDPStrategy
-
-    if trainer.world_size > 1 and not isinstance(trainer.strategy, DDPStrategy):
-        raise ValueError(
-            f"multi-process training supports --trainer.strategy ddp, got {type(trainer.strategy).__name__} "
-            "(FSDP / DeepSpeed: see the README section 'Larger models')"
-        )

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
 
 FSDP2 = "fsdp2"
@@ -33,8 +34,8 @@ class FSDP2Strategy(ModelParallelStrategy):
             raise ValueError(f"--trainer.strategy {FSDP2} shards the policy over several devices, got {world} "
                              f"({self.num_nodes} node(s) x {self.num_processes} device(s)); one device trains without "
                              "a strategy (or --trainer.devices 2 and more for fsdp2)")
-        model = getattr(getattr(self.lightning_module, "hparams", {}), "get", lambda key: None)("model_name_or_path")
-        if model is not None:
+        model = (getattr(self.lightning_module, "hparams", None) or {}).get("model_name_or_path")
+        if model is not None:  # refused from its config, before the entropy precompute or the policy loads it
             from durian_lightning.scale.fsdp2 import check_shardable
 
             check_shardable(model)
@@ -58,8 +59,6 @@ class FSDP2Strategy(ModelParallelStrategy):
 
         from durian_lightning.checkpointing import trainable_state
 
-        import torch
-
         module = self.lightning_module
         state = {"state_dict": trainable_state(get_model_state_dict(module), module.model)}
         load(state, checkpoint_id=path)
@@ -82,8 +81,6 @@ def shard_under_fsdp2(trainer, models: list, full_fine_tuning: bool) -> None:
     run's base is already in its dtype, and its float32 adapter is not sharded)."""
     if trainer is None or not isinstance(trainer.strategy, FSDP2Strategy):
         return
-    import torch
-
     from durian_lightning.scale.fsdp2 import shard_policy
 
     mixed = torch.bfloat16 if full_fine_tuning and trainer.precision == "bf16-mixed" else None
@@ -93,7 +90,7 @@ def shard_under_fsdp2(trainer, models: list, full_fine_tuning: bool) -> None:
 
 
 def check_strategy(trainer) -> None:
-    """Several processes train under ``ddp`` or ``fsdp2`` only: anything else is refused before the model loads."""
+    """Several processes train under ``ddp`` or ``fsdp2`` only: anything else is refused before the policy loads."""
     from lightning.pytorch.strategies import DDPStrategy
 
     strategy = trainer.strategy

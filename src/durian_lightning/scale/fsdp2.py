@@ -18,15 +18,12 @@ What plain ``fully_shard`` leaves to its caller, each a silent wrong number or a
 from __future__ import annotations
 
 import contextlib
-import logging
 
 import torch
 
 from durian_lightning._distributed import all_gather_1d
 from durian_lightning.models.loading import resolve_model_path
 from durian_lightning.models.parts import inner_model, is_sharded, transformers_model
-
-log = logging.getLogger(__name__)
 
 # the image path's modules, across the families: what ``get_image_features`` runs
 IMAGE_PATH = ("vision_tower", "visual", "vision_model", "multi_modal_projector", "connector", "mm_projector",
