@@ -93,3 +93,38 @@ def test_a_source_that_is_not_a_run_is_named(tmp_path):
         export(tmp_path / "other.pt", tmp_path / "out")
     with pytest.raises(ValueError, match="--format must be one of merged, adapter"):
         export(tmp_path / "other.pt", tmp_path / "out", format="gguf")
+
+
+def test_a_bf16_runs_adapter_is_merged_and_saved_in_float32_without_rounding_its_delta(tmp_path):
+    # an RL adapter at a small learning rate: lora_B of std 3e-4 over a bf16 base; folded into bf16 weights, the delta
+    # would be rounded to bf16's 8-bit mantissa (about 17% of it here), so the merge and the saved model are float32
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from durian_lightning.models import resolve_model_path
+
+    tiny = resolve_model_path("tiny:llava", tmp_path / "cache")
+    base_dir = tmp_path / "base-bf16"
+    AutoModelForImageTextToText.from_pretrained(tiny, dtype=torch.bfloat16).save_pretrained(base_dir)
+    AutoProcessor.from_pretrained(tiny).save_pretrained(base_dir)
+    base = AutoModelForImageTextToText.from_pretrained(base_dir, dtype=torch.bfloat16)
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=r".*language_model.*\.q_proj"))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn_like(p) * 3e-4)
+    model.save_pretrained(tmp_path / "adapter")
+    AutoProcessor.from_pretrained(tiny).save_pretrained(tmp_path / "adapter")
+    layer = model.base_model.model.model.language_model.layers[0].self_attn.q_proj
+    a, b = layer.lora_A["default"].weight.double(), layer.lora_B["default"].weight.double()
+    delta = (b @ a) * layer.scaling["default"]
+    base_weight = layer.base_layer.weight.double()
+
+    merged = AutoModelForImageTextToText.from_pretrained(export(tmp_path / "adapter", tmp_path / "merged"))
+    weight = merged.model.language_model.layers[0].self_attn.q_proj.weight
+    assert weight.dtype == torch.float32
+    error = ((weight.double() - base_weight) - delta).norm() / delta.norm()
+    assert error < 1e-3, float(error)
+    rounded = ((base_weight + delta).to(torch.bfloat16).double() - base_weight - delta).norm() / delta.norm()
+    assert rounded > 0.05, float(rounded)  # what a bf16 merge would have lost: the test tells the two apart
