@@ -4,10 +4,12 @@
 
 A mid-size Qwen2.5-VL built from config (random weights, float32), every weight trained with AdamW (no LoRA, no KL
 term), 2 prompts per rank x G 4 with 224 px images and 16 new tokens. Each strategy runs as its own 2-process
-launch, in turns. Reported per rank: the resident set's peak during fit above what the rank held before the model
-was built (weights, gradients, AdamW states, activations, gathered units), with glibc serving blocks over 128 KB by
-mmap so the resident set follows live tensors; the median over repeats. On a GPU the same callback reads CUDA's peak
-allocation instead (``_memory.PeakMemory``).
+launch, in turns. The default loss (the grpo preset, KL 0.01) keeps a frozen reference copy: whole under DDP,
+sharded under fsdp2. Reported per rank, above what the rank held before the model was built: what it holds once the
+policy is built and laid out (``laid_out``), and the peak during the training step (``step_peak``: weights,
+gradients, AdamW states, activations, the policy gathered for ``generate``), with glibc serving blocks over 128 KB
+by mmap so the resident set follows live tensors; the median over repeats. Loading is left out: on the CPU each
+rank reads the whole checkpoint before sharding it, which a GPU rank does in host memory.
 """
 
 from __future__ import annotations
@@ -29,19 +31,24 @@ def _rank(model_dir: str, data: str, strategy: str, out: str) -> None:
     """One launch (Lightning starts rank 1 by running this file again with the same arguments)."""
     import lightning as L
 
-    from _memory import PeakMemory
+    from _memory import PeakMemory, held_mb
     from durian_lightning.data import MultimodalReasoningDataModule
     from durian_lightning.module import DurianGRPO
     from durian_lightning.settings import LoraSettings, OptimizationSettings, RolloutSettings
 
     class Peak(L.Callback):
         def setup(self, trainer, pl_module, stage) -> None:  # before configure_model builds the policy
+            self.before_model = held_mb()
+
+        def on_train_start(self, trainer, pl_module) -> None:  # built and laid out (sharded under fsdp2)
+            self.laid_out = held_mb() - self.before_model
             self.memory = PeakMemory()
             self.memory.start()
 
         def on_fit_end(self, trainer, pl_module) -> None:
-            measured = self.memory.stop()
-            Path(f"{out}.rank{trainer.global_rank}").write_text(json.dumps(measured))
+            peak = self.memory.stop()["peak_mb"] - self.before_model
+            Path(f"{out}.rank{trainer.global_rank}").write_text(json.dumps({"laid_out_mb": self.laid_out,
+                                                                             "step_peak_mb": peak}))
 
     L.seed_everything(0, verbose=False)
     model = DurianGRPO(model_dir, lora=LoraSettings(enabled=False),
@@ -94,12 +101,14 @@ def main() -> None:
                 out = Path(tmp) / f"{strategy}-{repeat}"
                 subprocess.run([sys.executable, __file__, "--rank", str(model_dir), str(data), strategy, str(out)],
                                env=env, check=True, capture_output=True, text=True, timeout=1800)
-                runs[strategy].append([json.loads(Path(f"{out}.rank{r}").read_text())["added_mb"] for r in (0, 1)])
+                runs[strategy].append([json.loads(Path(f"{out}.rank{r}").read_text()) for r in (0, 1)])
     results = {"parameters": total, "fp32_weights_mb": round(total * 4 / 2**20, 1),
-               "adamw_full_state_mb": round(total * 16 / 2**20, 1)}
+               "weights_grads_adamw_mb": round(total * 16 / 2**20, 1)}
     for strategy, measured in runs.items():
-        results[strategy] = {f"rank{r}_peak_added_mb": round(statistics.median(m[r] for m in measured), 1) for r in (0, 1)}
-    results["fsdp2_over_ddp"] = round(results["fsdp2"]["rank0_peak_added_mb"] / results["ddp"]["rank0_peak_added_mb"], 3)
+        results[strategy] = {f"rank{r}_{key}": round(statistics.median(m[r][key] for m in measured), 1)
+                             for r in (0, 1) for key in ("laid_out_mb", "step_peak_mb")}
+    results["fsdp2_over_ddp_step_peak"] = round(results["fsdp2"]["rank0_step_peak_mb"] /
+                                                results["ddp"]["rank0_step_peak_mb"], 3)
     print(json.dumps(results, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
