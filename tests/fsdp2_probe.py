@@ -52,6 +52,7 @@ def run(case: str, strategy: str, out: Path) -> None:
     L.seed_everything(5, verbose=False)
     model = DurianGRPO(
         f"tiny:{family}", lora=LoraSettings(enabled=mode == "lora"),
+        gradient_checkpointing=mode == "full",  # recomputed activations under both strategies, as the recipes run
         rollout=RolloutSettings(num_generations=4, max_new_tokens=5),
         reward=RewardSettings(functions=["tests.test_training:length_reward"]),
         # 2 prompts a rank: 2 mini-batches of 1 prompt x 2 epochs = 4 optimizer steps, each over 2 micro-batches

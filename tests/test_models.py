@@ -71,3 +71,23 @@ def test_ranks_building_a_tiny_model_at_once_all_get_the_whole_model(tmp_path):
         files = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert {"config.json", "model.safetensors", "processor_config.json"} <= set(files), files
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("tiny-qwen2_5_vl.")]  # no staging folder left
+
+
+@pytest.mark.parametrize("use_lora", [True, False])
+def test_gradient_checkpointing_recomputes_in_the_backward_with_lora_and_full_fine_tuning(tmp_path, use_lora):
+    # transformers checkpoints only layers in train mode, and from_pretrained returns the model in eval mode (peft
+    # switches on its adapter modules only): left so, every activation was kept while the recipes ask to recompute
+    from durian_lightning.models import load_policy, resolve_model_path
+    from durian_lightning.models.parts import transformers_model
+
+    model, processor = load_policy(resolve_model_path("tiny:qwen2_5_vl", tmp_path), use_lora=use_lora,
+                                   gradient_checkpointing=True)
+    # a module inside a checkpointed layer, which transformers recomputes in the backward (the layer's own hooks
+    # stay outside the checkpoint)
+    mlp = transformers_model(model).model.language_model.layers[0].mlp
+    calls = []
+    forward = mlp.forward
+    mlp.forward = lambda *args, **kwargs: calls.append(1) or forward(*args, **kwargs)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.sum().backward()
+    assert len(calls) == 2  # the forward, and its recomputation in the backward

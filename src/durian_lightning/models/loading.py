@@ -90,7 +90,18 @@ def load_policy(
             raise ValueError(f"lora_target_modules={lora_target_modules!r} matched no module of {path}")
         if gradient_checkpointing:
             model.enable_input_require_grads()
+    train_mode_where_trained(model)
     return model, processor
+
+
+def train_mode_where_trained(model) -> None:
+    """Every module holding a trained weight in train mode; the others keep their mode (the frozen vision tower and
+    projector of a LoRA run, and dropout modules, stay in eval mode). transformers checkpoints a layer's activations
+    only in train mode, and ``from_pretrained`` returns eval mode (peft switches on its adapter modules only), so
+    without this ``gradient_checkpointing`` did nothing: the decoder layers were in eval mode."""
+    for module in model.modules():
+        if any(p.requires_grad for p in module.parameters()):
+            module.training = True
 
 
 TEXT_PARTS = ("language_model", "text_model", "lm_head")  # what the image path never runs, across the families
