@@ -135,7 +135,11 @@ def failing_inside_collectives(world: int):
         if getattr(error, STOPPED_TOGETHER, False):
             raise
         store = torch.distributed.distributed_c10d._get_default_store()
-        if store.check([FAILURE_KEY]):  # another rank failed first: this one's error is the collective's
+        try:
+            failed_first = store.check([FAILURE_KEY])
+        except Exception:  # noqa: BLE001 - the store lives in rank 0's process, which may have stopped: its own error
+            raise error from None
+        if failed_first:  # another rank failed first: this one's error is the collective's
             rank, shared = pickle.loads(store.get(FAILURE_KEY))
             raise shared from error
         rank = torch.distributed.get_rank()
