@@ -158,12 +158,9 @@ def test_ddp_with_dynamic_sampling_updates_every_rank_at_the_same_step(tmp_path)
         assert ranks[0]["lora_sums"] == ranks[1]["lora_sums"]
 
 
-def test_ddp_preemption_of_one_rank_stops_every_rank_after_the_same_step_and_resumes_exactly(tmp_path):
-    # SIGTERM reaches rank 1 only (one node of several preempted): both ranks stop after step 2 and write one
-    # last.ckpt together, holding each rank's generator (each samples its rollouts from its own); resuming from it
-    # reproduces the uninterrupted run's adapter bit for bit
-    common = ["--trainer.max_steps", "3", "--trainer.limit_val_batches", "0", "--seed_everything", "5",
-              "--model.reward.functions", "[tests.test_training:length_reward]"]
+def preempt_and_resume(tmp_path, *common: str) -> Path:
+    """The run three times on 2 ranks: straight; stopped by SIGTERM to rank 1 only after step 2 (both ranks stop after
+    that step and write one last.ckpt together); resumed from that checkpoint. Returns the checkpoint."""
     fit_on_two_ranks(tmp_path / "straight", *common)
     records = tmp_path / "records"
     _, stderr = fit_on_two_ranks(tmp_path / "preempted", *common, "--trainer.callbacks+=tests.ddp_probe.SigtermAtStep",
@@ -174,8 +171,17 @@ def test_ddp_preemption_of_one_rank_stops_every_rank_after_the_same_step_and_res
     saved = [json.loads(line) for line in (records / "checkpoints.jsonl").read_text().splitlines()]
     assert saved == [{"step": 2, "updates": 2}] * 2  # one checkpoint, both ranks at the same step
     (checkpoint,) = (tmp_path / "preempted").rglob("last.ckpt")
-    assert len(torch.load(checkpoint, weights_only=False)["durian_rng"]) == 2
     fit_on_two_ranks(tmp_path / "resumed", *common, "--ckpt_path", str(checkpoint))
+    return checkpoint
+
+
+def test_ddp_preemption_of_one_rank_stops_every_rank_after_the_same_step_and_resumes_exactly(tmp_path):
+    # SIGTERM reaches rank 1 only (one node of several preempted): the checkpoint holds each rank's generator (each
+    # samples its rollouts from its own); resuming from it reproduces the uninterrupted run's adapter bit for bit
+    checkpoint = preempt_and_resume(tmp_path, "--trainer.max_steps", "3", "--trainer.limit_val_batches", "0",
+                                    "--seed_everything", "5", "--model.reward.functions",
+                                    "[tests.test_training:length_reward]")
+    assert len(torch.load(checkpoint, weights_only=False)["durian_rng"]) == 2
     from safetensors.torch import load_file
 
     adapters = [load_file(tmp_path / run / "lightning_logs" / "version_0" / "adapter" / "adapter_model.safetensors")

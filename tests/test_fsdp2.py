@@ -1,7 +1,6 @@
 """fsdp2 on 2 gloo processes: the update equals DDP's, ranks start identical, checkpoints resume bit for bit, a run
 exports, and a failure on one rank stops both with its message."""
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -11,7 +10,7 @@ import torch
 
 from durian_lightning.models.loading import resolve_model_path
 
-from .test_ddp import REPO, fit_on_two_ranks, run_process_group
+from .test_ddp import REPO, fit_on_two_ranks, preempt_and_resume, run_process_group
 
 CASES = ["llava:lora", "llava:full", "qwen2_5_vl:lora", "qwen2_5_vl:full", "qwen3_vl:lora", "qwen3_vl:full"]
 
@@ -103,19 +102,9 @@ def test_fsdp2_fit_stops_on_a_sigterm_to_rank_one_resumes_bit_for_bit_and_export
     common = ["--trainer.strategy", "fsdp2", "--trainer.max_steps", "3", "--trainer.limit_val_batches", "0",
               "--seed_everything", "5", "--model.reward.functions", "[tests.test_training:length_reward]",
               "--model.lora.enabled", str(mode == "lora").lower(), "--model.optimization.learning_rate", "1e-3"]
-    fit_on_two_ranks(tmp_path / "straight", *common)
-    records = tmp_path / "records"
-    _, stderr = fit_on_two_ranks(tmp_path / "preempted", *common, "--trainer.callbacks+=tests.ddp_probe.SigtermAtStep",
-                                 "--trainer.callbacks.step=2", "--trainer.callbacks.rank=1",
-                                 "--trainer.callbacks+=tests.ddp_probe.RecordCheckpoints",
-                                 f"--trainer.callbacks.folder={records}", returncode=143, timeout=120)
-    assert "SIGTERM received: stopping after step 2 on every rank" in stderr
-    saved = [json.loads(line) for line in (records / "checkpoints.jsonl").read_text().splitlines()]
-    assert saved == [{"step": 2, "updates": 2}] * 2  # one checkpoint, written by both ranks at the same step
-    (checkpoint,) = (tmp_path / "preempted").rglob("last.ckpt")
+    checkpoint = preempt_and_resume(tmp_path, *common)  # SIGTERM to rank 1 after step 2, and the resume
     stopped = read_checkpoint(checkpoint)
     assert len(stopped["durian_rng"]) == 2 and stopped["durian_updates"] == 2
-    fit_on_two_ranks(tmp_path / "resumed", *common, "--ckpt_path", str(checkpoint))
 
     finals = [read_checkpoint(next((tmp_path / run).rglob("last.ckpt"))) for run in ("straight", "resumed")]
     assert finals[0]["state_dict"].keys() == finals[1]["state_dict"].keys()
