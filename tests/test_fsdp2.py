@@ -17,7 +17,8 @@ CASES = ["llava:lora", "llava:full", "qwen2_5_vl:lora", "qwen2_5_vl:full", "qwen
 
 def test_one_fsdp2_update_equals_one_ddp_update(tmp_path):
     # one update of 2 prompts per rank: 2 mini-batches x 2 PPO epochs = 4 optimizer steps, each over 2 micro-batches,
-    # with clipping on; LoRA (the adapter whole on every rank, the base sharded) and full fine-tuning (all sharded)
+    # with clipping and weight decay on; LoRA (the adapter whole on every rank, the base sharded) and full fine-tuning
+    # (all sharded, gradient checkpointing on), under the same seeds (tests/fsdp2_probe.py)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "DURIAN_CACHE": str(tmp_path / "cache")}
     code, stderr = run_process_group([sys.executable, "-m", "tests.fsdp2_probe", str(tmp_path / "out"), *CASES], env,
                                      timeout=420)
