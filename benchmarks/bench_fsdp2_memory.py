@@ -73,27 +73,13 @@ def main() -> None:
     args = parser.parse_args()
     if args.rank:
         return _rank(*args.rank)
-    import torch
-    from PIL import Image
-
     from _memory import measuring_env
-    from durian_lightning.models.tiny import build_tiny_qwen2_5_vl
+    from _mid_size import write_mid_size_qwen, write_noise_images
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir, data = Path(tmp) / "model", Path(tmp) / "data"
-        model, processor = build_tiny_qwen2_5_vl(vision_hidden=args.vision_hidden, text_hidden=args.hidden,
-                                                 num_layers=args.layers, max_pixels=224 * 224,
-                                                 text_heads=args.hidden // 128, vision_heads=args.vision_hidden // 64)
-        total = sum(p.numel() for p in model.parameters())
-        model.save_pretrained(model_dir)
-        processor.save_pretrained(model_dir)
-        del model
-        data.mkdir()
-        rows = []
-        for i in range(8):
-            Image.effect_noise((224, 224), 20 + 5 * i).convert("RGB").save(data / f"{i}.png")
-            rows.append(json.dumps({"images": [f"{i}.png"], "problem": "How many?", "answer": "1"}))
-        (data / "train.jsonl").write_text("\n".join(rows) + "\n")
+        total = write_mid_size_qwen(model_dir, args.hidden, args.vision_hidden, args.layers)["parameters"]
+        write_noise_images(data, 8)
         env = measuring_env(Path(__file__).parent)
         runs: dict[str, list[list[float]]] = {s: [] for s in STRATEGIES}
         for repeat in range(args.repeats):

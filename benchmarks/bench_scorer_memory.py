@@ -87,27 +87,15 @@ def main() -> None:
     if args.child:
         return _child(*args.child)
     import torch
-    from PIL import Image
 
     from _memory import measuring_env
-    from durian_lightning.models.tiny import build_tiny_qwen2_5_vl
+    from _mid_size import write_mid_size_qwen, write_noise_images
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir, data = Path(tmp) / "model", Path(tmp) / "data"
-        model, processor = build_tiny_qwen2_5_vl(vision_hidden=args.vision_hidden, text_hidden=args.hidden,
-                                                 num_layers=args.layers, max_pixels=224 * 224,
-                                                 text_heads=args.hidden // 128, vision_heads=args.vision_hidden // 64)
-        vision = sum(p.numel() for p in model.model.visual.parameters())
-        total = sum(p.numel() for p in model.parameters())
-        model.to(torch.bfloat16).save_pretrained(model_dir)
-        processor.save_pretrained(model_dir)
-        del model
-        data.mkdir()
-        rows = []
-        for i in range(args.images):
-            Image.effect_noise((224, 224), 20 + 5 * i).convert("RGB").save(data / f"{i}.png")
-            rows.append(json.dumps({"images": [f"{i}.png"], "problem": "How many?", "answer": "1"}))
-        (data / "train.jsonl").write_text("\n".join(rows) + "\n")
+        counts = write_mid_size_qwen(model_dir, args.hidden, args.vision_hidden, args.layers, torch.bfloat16)
+        total, vision = counts["parameters"], counts["vision_parameters"]
+        write_noise_images(data, args.images)
         env = measuring_env(Path(__file__).parent)
 
         def child(cache: str, setting: str) -> dict:

@@ -30,9 +30,15 @@ IMAGE_PATH = ("vision_tower", "visual", "vision_model", "multi_modal_projector",
               "embed_vision")
 
 
-def no_split_modules(model) -> set[str]:
-    """The block classes the model's authors name as never to be split (``_no_split_modules``)."""
-    return set(getattr(transformers_model(model), "_no_split_modules", None) or ())
+def no_split_modules(model, name: str) -> set[str]:
+    """The block classes the model's authors name as never to be split (``_no_split_modules``); a model that names
+    none is refused (``name``: how the user called it)."""
+    names = set(getattr(transformers_model(model), "_no_split_modules", None) or ())
+    if not names:
+        raise ValueError(f"{name}: model type {transformers_model(model).config.model_type!r} "
+                         f"({type(transformers_model(model)).__name__}) names no _no_split_modules, so fsdp2 cannot "
+                         "tell its blocks apart to shard them one by one; train it with --trainer.strategy ddp")
+    return names
 
 
 def check_shardable(name_or_path: str) -> None:
@@ -47,10 +53,7 @@ def check_shardable(name_or_path: str) -> None:
             model = AutoModelForImageTextToText.from_config(config)
     except ValueError:  # not an image-text-to-text model: loading it says so, with the families that are
         return
-    if not no_split_modules(model):
-        raise ValueError(f"{name_or_path}: model type {config.model_type!r} ({type(model).__name__}) names no "
-                         "_no_split_modules, so fsdp2 cannot tell its blocks apart to shard them one by one; train it "
-                         "with --trainer.strategy ddp")
+    no_split_modules(model, name_or_path)
 
 
 def make_identical(model: torch.nn.Module) -> int:
@@ -90,21 +93,14 @@ def _collective_device() -> torch.device:
 def shard_units(model) -> list[torch.nn.Module]:
     """The modules that become FSDP units, children before parents, the root (the transformers model) last."""
     base = transformers_model(model)
-    names = no_split_modules(model)
-    if not names:
-        raise ValueError(f"model type {base.config.model_type!r} names no _no_split_modules: fsdp2 cannot tell its "
-                         "blocks; use --trainer.strategy ddp")
+    names = no_split_modules(model, getattr(base, "name_or_path", "") or "the policy")
     units = [m for m in base.modules() if type(m).__name__ in names]
     inner = inner_model(model)
     units += [m for name in IMAGE_PATH if isinstance(m := getattr(inner, name, None), torch.nn.Module)]
     embedding, head = base.get_input_embeddings(), base.get_output_embeddings()
     if head is not None and embedding is not None and head.weight is not embedding.weight:
         units += [embedding, head]
-    unique, seen = [], set()
-    for unit in units:
-        if id(unit) not in seen:
-            seen.add(id(unit))
-            unique.append(unit)
+    unique = list({id(unit): unit for unit in units}.values())  # a unit named twice (an image block) once
     # children first: a unit's parameters are those not already in a unit below it
     depth = {id(m): len(name.split(".")) for name, m in base.named_modules()}
     unique.sort(key=lambda m: -depth.get(id(m), 0))
