@@ -194,6 +194,31 @@ def test_truncated_importance_weights_by_hand():
                                atol=1e-5, rtol=0)
 
 
+def test_masked_importance_weights_by_hand():
+    from durian_lightning.core.losses import truncated_importance_weights
+    from durian_lightning.settings import LossSettings
+
+    proximal = torch.tensor([[-1.0, -2.0, -0.5], [-1.0, -1.0, 0.0]])
+    behaviour = torch.tensor([[-1.5, -1.0, -0.5], [-1.2, -0.9, 0.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    # token ratios: exp(0.5) = 1.6487, exp(-1) = 0.3679, 1 | exp(0.2) = 1.2214, exp(-0.1) = 0.9048, padding
+    # bounds [1/1.5, 1.5] = [0.6667, 1.5]: 1.6487 and 0.3679 are outside, so zero; the others keep their ratio
+    token = truncated_importance_weights(proximal, behaviour, mask, "token", cap=1.5, mode="mask")
+    torch.testing.assert_close(token, torch.tensor([[0.0, 0.0, 1.0], [1.22140, 0.90484, 0.0]]), atol=1e-5, rtol=0)
+    # an explicit lower bound 0.3 keeps exp(-1) = 0.3679
+    low = truncated_importance_weights(proximal, behaviour, mask, "token", cap=1.5, mode="mask", low=0.3)
+    torch.testing.assert_close(low, torch.tensor([[0.0, 0.36788, 1.0], [1.22140, 0.90484, 0.0]]), atol=1e-5, rtol=0)
+    # sequences: exp(-0.5) = 0.6065 is under 1/1.5, so row 0 leaves the loss; row 1 keeps exp(0.1) = 1.1052
+    sequence = truncated_importance_weights(proximal, behaviour, mask, "sequence", cap=1.5, mode="mask")
+    torch.testing.assert_close(sequence, torch.tensor([[0.0, 0.0, 0.0], [1.10517, 1.10517, 0.0]]), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="mask mode only"):
+        LossSettings(rollout_correction="token", rollout_correction_low=0.5)
+    with pytest.raises(ValueError, match=r"in \(0, rollout_correction_cap=2.0\]"):
+        LossSettings(rollout_correction="token", rollout_correction_mode="mask", rollout_correction_low=3.0)
+    config = LossSettings(rollout_correction="token", rollout_correction_mode="mask", rollout_correction_low=0.5).resolve(8)
+    assert (config.rollout_correction_mode, config.rollout_correction_low) == ("mask", 0.5)
+
+
 def test_the_rollout_correction_weights_each_tokens_surrogate_and_is_the_identity_when_the_log_probs_agree():
     from durian_lightning.core.losses import PolicyLossConfig, policy_loss
 

@@ -101,6 +101,7 @@ def test_with_lora_dropout_the_no_grad_passes_are_the_policys_own_and_each_row_d
     from durian_lightning.module import DurianGRPO
     from durian_lightning.settings import LoraSettings, LossSettings
     from durian_lightning.stages.scoring import ScoredRollouts
+    from durian_lightning.stages.update import old_and_reference_logprobs
 
     _, _, rollout = _rollout("tiny:llava")
     module = DurianGRPO("tiny:llava", lora=LoraSettings(dropout=0.5), loss=LossSettings(preset="grpo", kl_coef=0.1))
@@ -113,7 +114,8 @@ def test_with_lora_dropout_the_no_grad_passes_are_the_policys_own_and_each_row_d
     scored = ScoredRollouts(rollout, 3, ["a", "b"], ["p", "q"], ["x", "y"], torch.zeros(2), torch.zeros(2),
                             torch.zeros(n), {})
     model.train()
-    passes = [module._logprob_passes(scored, old=True) for _ in range(2)]
+    passes = [old_and_reference_logprobs(scored, model, module.policy_logprobs, module.reference_logprobs,
+                                         module.optimization.micro_batch_size, old=True) for _ in range(2)]
     assert model.training  # the passes put every module back in its mode
     model.eval()
     with torch.no_grad():

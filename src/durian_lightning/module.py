@@ -3,10 +3,9 @@ to bottom:
 
     rollout -> reward (+ confidence) -> [dynamic sampling] -> global difficulty scores -> advantages -> update
 
-Each stage is a function or small class in ``stages/`` (``rollout``, ``scoring``, ``dynamic_sampling``,
-``global_batch``, ``update``; the estimators in ``core/advantages``), passing typed dataclasses. This class holds the
-model's life cycle, the optimizer, logging, the evaluation loop and checkpoints. The method and its choices are
-written up in docs/method.md.
+Each stage is a function or small class in ``stages/`` (``rollout`` or ``vllm_engine``, ``scoring``, ``update``, ...;
+the estimators in ``core/advantages``), passing typed dataclasses. This class holds the model's life cycle, the
+optimizer, logging, the evaluation loop and checkpoints. The method and its choices are in docs/method.md.
 """
 
 from __future__ import annotations
@@ -37,6 +36,7 @@ from durian_lightning.stages.rollout import completion_logprobs, explain_rollout
 from durian_lightning.stages.scoring import ScoredRollouts, reward_failures_message, score_rollouts
 from durian_lightning.stages.step_metrics import PhaseTimer, StepMetrics, training_step_metrics
 from durian_lightning.stages.update import UpdateBatch, build_optimizer, old_and_reference_logprobs, ppo_update
+from durian_lightning.stages.vllm_engine import VLLMEngine, start_engine
 from durian_lightning.strategy import check_strategy, shard_under_fsdp2
 
 log = logging.getLogger(__name__)
@@ -90,6 +90,7 @@ class DurianGRPO(L.LightningModule):
         self.model = self.processor = None
         self.reference: ReferencePolicy | None = None  # for the KL term, built with the model
         self.image_features: ImageFeatures | None = None  # each image encoded once per step, built with the model
+        self.engine: VLLMEngine | None = None  # rollout.engine: vllm (else the policy generates itself)
         self.buffer = PromptBuffer() if self.optimization.dynamic_sampling else None
         self.last_update: UpdateRecord | None = None  # what the last update saw, for callbacks
         self.updates = 0  # rollout batches trained on (each takes ppo_epochs x mini-batches optimizer steps)
@@ -99,17 +100,21 @@ class DurianGRPO(L.LightningModule):
         self.eval_records: list[dict[str, Any]] = []
 
     def configure_model(self) -> None:
-        if self.model is not None:
-            return
-        hp = self.hparams
-        self.model, self.processor = load_policy(hp.model_name_or_path, hp.dtype, self.lora.enabled, self.lora.r,
-                                                 self.lora.alpha, self.lora.dropout, self.lora.target_modules,
-                                                 hp.gradient_checkpointing)
-        if self.loss_config.kl_coef > 0:  # a full fine-tuning reference is copied before sharding, then sharded too
-            self.reference = ReferencePolicy(self.model, lora=self.lora.enabled)
-        shard_under_fsdp2(self._trainer, [self.model, getattr(self.reference, "frozen", None)], not self.lora.enabled)
-        self.image_features = ImageFeatures(self.model, self.processor, self.rollout.reuse_image_features)
-        explain_rollout_fast_paths_off(self.model, self.rollout.share_prompt_prefill, self.rollout.cache_implementation)
+        if self.model is None:
+            hp = self.hparams
+            self.model, self.processor = load_policy(hp.model_name_or_path, hp.dtype, self.lora.enabled, self.lora.r,
+                                                     self.lora.alpha, self.lora.dropout, self.lora.target_modules,
+                                                     hp.gradient_checkpointing)
+            if self.loss_config.kl_coef > 0:  # a full fine-tuning reference is copied before sharding, then sharded too
+                self.reference = ReferencePolicy(self.model, lora=self.lora.enabled)
+            shard_under_fsdp2(self._trainer, [self.model, getattr(self.reference, "frozen", None)], not self.lora.enabled)
+            self.image_features = ImageFeatures(self.model, self.processor, self.rollout.reuse_image_features)
+            explain_rollout_fast_paths_off(self.model, self.rollout.share_prompt_prefill, self.rollout.cache_implementation)
+        self.engine = self.engine or start_engine(self.model, self.processor, self.rollout, self.lora, self.evaluation)
+
+    def teardown(self, stage: str) -> None:
+        # a vLLM engine stops its processes (close() returns None); configure_model starts one again (validate after fit)
+        self.engine = self.engine and self.engine.close()
 
     def setup(self, stage: str) -> None:
         if stage == "fit":
@@ -148,9 +153,11 @@ class DurianGRPO(L.LightningModule):
             scored = self._dynamic_sampling(scored, rollout_batch_size)
             if scored is None:
                 return None  # not yet a full batch of informative prompts on every rank
-        # one optimizer step from one pass: the update's own log-probs are the old ones (see ppo_update)
+        # old-policy log-probs only for several optimizer steps (one step's own are the old ones: see ppo_update)
         with self._local_phase():
-            scored = self._logprob_passes(scored, old=opt.ppo_epochs > 1 or mini_batch_size < scored.num_prompts)
+            reference = self.reference_logprobs if self.loss_config.kl_coef > 0 else None
+            scored = old_and_reference_logprobs(scored, self.model, self.policy_logprobs, reference, opt.micro_batch_size,
+                                                opt.ppo_epochs > 1 or mini_batch_size < scored.num_prompts, self._timed)
 
         with self._timed("advantages"):
             thresholds = training_thresholds(self.advantages.entropy_thresholds, self.perceptual_thresholds)
@@ -186,12 +193,6 @@ class DurianGRPO(L.LightningModule):
         batch, metrics = self.buffer.collect(scored, rollout_batch_size, self.optimization.dynamic_sampling_reward, fewest)
         self.log_dict(metrics.reduce(self._world(), self.device))
         return batch
-
-    def _logprob_passes(self, scored: ScoredRollouts, old: bool) -> ScoredRollouts:
-        """The old-policy (when the batch feeds several optimizer steps) and reference (for a KL term) log-probs."""
-        reference = self.reference_logprobs if self.loss_config.kl_coef > 0 else None
-        return old_and_reference_logprobs(scored, self.model, self.policy_logprobs, reference,
-                                          self.optimization.micro_batch_size, old, self._timed)
 
     def _backward(self, loss: torch.Tensor, last: bool) -> None:
         """DDP would all-reduce in every backward (one per micro-batch): the module averages once per optimizer step
@@ -230,11 +231,10 @@ class DurianGRPO(L.LightningModule):
         self.image_features.clear()
         return rows
 
-    def on_validation_epoch_start(self) -> None:
+    def _start_records(self) -> None:
         self.eval_records = []
 
-    def on_test_epoch_start(self) -> None:
-        self.eval_records = []
+    on_validation_epoch_start = on_test_epoch_start = _start_records
 
     def on_validation_epoch_end(self) -> None:
         self._log_breakdowns("val")
@@ -250,6 +250,8 @@ class DurianGRPO(L.LightningModule):
         return None
 
     def _generate(self, batch: dict[str, Any], k: int, sampling):
+        if self.engine is not None:  # given the latest update's weights first (perf/weight_sync_s)
+            return self.engine.rollouts(self.model, self.updates, batch, k, sampling, self.rollout.max_prompt_length, self._timed)
         with unsharded(self.model):  # under fsdp2: every unit gathered once for the call, not once per token
             return generate_rollouts(self.model, self.processor, batch["prompt"], batch["images"], k, sampling,
                                      self.rollout.max_prompt_length, batch["id"], self.rollout.max_sequences_per_generate,

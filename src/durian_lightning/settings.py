@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from durian_lightning.core.advantages import AdvantageSettings
-from durian_lightning.core.losses import Aggregation, KLEstimator, PolicyLossConfig, RolloutCorrection
+from durian_lightning.core.losses import Aggregation, CorrectionMode, KLEstimator, PolicyLossConfig, RolloutCorrection
 from durian_lightning.core.rewards import ON_ERROR, WeightedReward
 from durian_lightning.models.loading import DEFAULT_LORA_TARGETS
 from durian_lightning.stages.rollout import SamplingConfig
@@ -84,6 +84,13 @@ class RolloutSettings:
         cache_implementation: dynamic (transformers' default, grows with the tokens) or static (preallocated for
             max_new_tokens, which CUDA graphs / torch.compile need); static runs only for the families the
             conformance suite shows equal to dynamic, the others fall back to dynamic with an info line.
+        engine: hf (transformers' ``generate`` on the policy itself) or vllm (a vLLM engine per rank, given the
+            policy's weights after every update; stages/vllm_engine.py, docs/vllm.md). The fast paths above are hf's.
+        vllm_max_model_len: prompt plus completion tokens per row (default: max_prompt_length + max_new_tokens).
+        vllm_max_images: images one prompt may hold.
+        vllm_gpu_memory_utilization: the share of GPU memory the engine takes for its weights and KV cache.
+        vllm_tensor_parallel_size: GPUs one engine is split over (a model too big for one).
+        vllm_sleep: on a GPU, free the engine's memory between rollouts so the update has it.
     """
 
     num_generations: int = 8
@@ -96,8 +103,20 @@ class RolloutSettings:
     reuse_image_features: bool = True
     share_prompt_prefill: bool = True
     cache_implementation: Literal["dynamic", "static"] = "dynamic"
+    engine: Literal["hf", "vllm"] = "hf"
+    vllm_max_model_len: int | None = None
+    vllm_max_images: int = 4
+    vllm_gpu_memory_utilization: float = 0.3
+    vllm_tensor_parallel_size: int = 1
+    vllm_sleep: bool = True
 
     def __post_init__(self) -> None:
+        if self.engine not in ("hf", "vllm"):
+            raise ValueError(f"rollout.engine must be hf or vllm, got {self.engine!r}")
+        for name in ("vllm_max_images", "vllm_tensor_parallel_size"):
+            _at_least(f"rollout.{name}", getattr(self, name), 1)
+        if not 0 < self.vllm_gpu_memory_utilization <= 1:
+            raise ValueError(f"rollout.vllm_gpu_memory_utilization must be in (0, 1], got {self.vllm_gpu_memory_utilization}")
         if self.cache_implementation not in ("dynamic", "static"):
             raise ValueError(f"rollout.cache_implementation must be dynamic or static, got {self.cache_implementation!r}")
         if self.max_sequences_per_generate is not None:
@@ -194,10 +213,13 @@ class LossSettings:
         aggregation: token-mean, seq-mean-token-mean or seq-mean-token-sum (overrides the preset).
     normalizer: the constant seq-mean-token-sum divides each sequence's token sum by (Dr. GRPO); default: the
         rollouts' max_new_tokens, so a sequence's loss never depends on how long its batch's other completions are.
-        rollout_correction: none, token or sequence: truncated importance sampling from the log-probs generate
+        rollout_correction: none, token or sequence: importance sampling from the log-probs the rollout engine
             recorded to the training forward's (docs/method.md); off by default (exact in float32), the bf16
             recipes use token.
-        rollout_correction_cap: the weights' cap (truncation), > 0.
+        rollout_correction_cap: the weights' upper bound, > 0.
+        rollout_correction_mode: truncate (a weight above the cap becomes the cap) or mask (a token, or a
+            sequence, whose weight is outside [rollout_correction_low, cap] leaves the loss).
+        rollout_correction_low: mask's lower bound, in (0, cap] (default 1 / cap).
     """
 
     preset: Literal["grpo", "dapo"] = "grpo"
@@ -209,6 +231,8 @@ class LossSettings:
     normalizer: float | None = None
     rollout_correction: RolloutCorrection = "none"
     rollout_correction_cap: float = 2.0
+    rollout_correction_mode: CorrectionMode = "truncate"
+    rollout_correction_low: float | None = None
 
     def __post_init__(self) -> None:
         self.resolve(1)  # an unknown preset or a bad value fails here
@@ -218,6 +242,14 @@ class LossSettings:
             raise ValueError(f"loss.rollout_correction must be none, token or sequence, got {self.rollout_correction!r}")
         if not self.rollout_correction_cap > 0:
             raise ValueError(f"loss.rollout_correction_cap must be > 0, got {self.rollout_correction_cap}")
+        if self.rollout_correction_mode not in ("truncate", "mask"):
+            raise ValueError(f"loss.rollout_correction_mode must be truncate or mask, got {self.rollout_correction_mode!r}")
+        if self.rollout_correction_low is not None:
+            if self.rollout_correction_mode != "mask":
+                raise ValueError("loss.rollout_correction_low bounds mask mode only; set rollout_correction_mode: mask")
+            if not 0 < self.rollout_correction_low <= self.rollout_correction_cap:
+                raise ValueError(f"loss.rollout_correction_low must be in (0, rollout_correction_cap="
+                                 f"{self.rollout_correction_cap}], got {self.rollout_correction_low}")
 
     def resolve(self, max_new_tokens: int) -> PolicyLossConfig:
         """The preset with the overrides applied (``max_new_tokens``: the default normalizer)."""
@@ -226,7 +258,9 @@ class LossSettings:
             ("kl_estimator", self.kl_estimator), ("aggregation", self.aggregation)) if value is not None}
         normalizer = float(self.normalizer if self.normalizer is not None else max_new_tokens)
         return PolicyLossConfig.preset(self.preset, normalizer=normalizer, rollout_correction=self.rollout_correction,
-                                       rollout_correction_cap=self.rollout_correction_cap, **overrides)
+                                       rollout_correction_cap=self.rollout_correction_cap,
+                                       rollout_correction_mode=self.rollout_correction_mode,
+                                       rollout_correction_low=self.rollout_correction_low, **overrides)
 
 
 @dataclass(frozen=True)

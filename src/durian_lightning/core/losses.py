@@ -22,6 +22,7 @@ import torch
 KLEstimator = Literal["k1", "k2", "k3", "low_var_kl"]
 Aggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]
 RolloutCorrection = Literal["none", "token", "sequence"]
+CorrectionMode = Literal["truncate", "mask"]
 
 _MAX_LOG_RATIO = 20.0
 
@@ -90,13 +91,18 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: KL
 
 
 def truncated_importance_weights(
-    proximal: torch.Tensor, behaviour: torch.Tensor, mask: torch.Tensor, level: RolloutCorrection, cap: float
+    proximal: torch.Tensor, behaviour: torch.Tensor, mask: torch.Tensor, level: RolloutCorrection, cap: float,
+    mode: CorrectionMode = "truncate", low: float | None = None,
 ) -> torch.Tensor:
-    """``(N, T)`` truncated importance-sampling weights from the behaviour policy (the log-probs ``generate`` recorded
-    while sampling) to the proximal one (the training forward's old log-probs): ``min(pi_prox / pi_behav, cap)`` per
-    token, or per sequence from the product of its tokens' ratios (the same weight on each of its tokens). They
-    correct for the two computing different numbers for the same policy (KV-cache decoding vs a full forward, bf16
-    kernels). Detached (a weight, not a path for gradients); 0 on padding."""
+    """``(N, T)`` importance-sampling weights from the behaviour policy (the log-probs the rollout engine recorded
+    while sampling) to the proximal one (the training forward's old log-probs), ``w = pi_prox / pi_behav`` per token,
+    or per sequence from the product of its tokens' ratios (the same weight on each of its tokens). They correct for
+    the two computing different numbers for the same policy (KV-cache decoding vs a full forward, bf16 kernels,
+    another engine).
+
+    ``truncate`` (TIS): ``min(w, cap)``. ``mask``: ``w`` where ``low <= w <= cap``, else 0 (the token, or the whole
+    sequence, leaves the surrogate); ``low`` defaults to ``1 / cap``. Detached (a weight, not a path for gradients);
+    0 on padding."""
     log_ratio = ((proximal - behaviour) * mask).detach().double()
     if level == "token":
         weights = log_ratio.exp()
@@ -104,7 +110,14 @@ def truncated_importance_weights(
         weights = log_ratio.sum(dim=1, keepdim=True).exp().expand_as(log_ratio)
     else:
         raise ValueError(f"rollout_correction must be 'none', 'token' or 'sequence', got {level!r}")
-    return weights.clamp(max=cap).to(proximal.dtype) * mask
+    if mode == "truncate":
+        weights = weights.clamp(max=cap)
+    elif mode == "mask":
+        low = 1.0 / cap if low is None else low
+        weights = torch.where((weights >= low) & (weights <= cap), weights, torch.zeros_like(weights))
+    else:
+        raise ValueError(f"rollout_correction_mode must be 'truncate' or 'mask', got {mode!r}")
+    return weights.to(proximal.dtype) * mask
 
 
 def aggregation_numerator(
@@ -172,8 +185,10 @@ class PolicyLossConfig:
     kl_estimator: KLEstimator = "k3"
     aggregation: Aggregation = "token-mean"
     normalizer: float | None = None
-    rollout_correction: RolloutCorrection = "none"  # truncated importance sampling from the recorded log-probs
+    rollout_correction: RolloutCorrection = "none"  # importance sampling from the recorded log-probs
     rollout_correction_cap: float = 2.0
+    rollout_correction_mode: CorrectionMode = "truncate"
+    rollout_correction_low: float | None = None  # mask's lower bound (default 1 / cap)
 
     @classmethod
     def preset(cls, name: Literal["grpo", "dapo"], **overrides) -> "PolicyLossConfig":
@@ -233,7 +248,8 @@ def policy_loss(
             raise ValueError(f"rollout_correction={config.rollout_correction!r} needs the log-probs recorded while "
                              "sampling (behaviour_logprobs)")
         surrogate = surrogate * truncated_importance_weights(old_logprobs, behaviour_logprobs, mask,
-                                                             config.rollout_correction, config.rollout_correction_cap)
+                                                             config.rollout_correction, config.rollout_correction_cap,
+                                                             config.rollout_correction_mode, config.rollout_correction_low)
     token_loss = surrogate
     kl_value = logprobs.new_zeros(())
     if config.kl_coef > 0:

@@ -103,12 +103,12 @@ def _build_qwen3_family(config_class, model_class, text_hidden: int, num_layers:
 
 
 def build_tiny_qwen3_vl(text_hidden: int = 64, num_layers: int = 2, vocab_size: int = 512, seed: int = 0,
-                        max_pixels: int = 128 * 128):
+                        max_pixels: int = 128 * 128, head_dim: int = 16):
     """Qwen3-VL: DeepStack (vision features added into early language layers), interleaved M-RoPE."""
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
     return _build_qwen3_family(Qwen3VLConfig, Qwen3VLForConditionalGeneration, text_hidden, num_layers, vocab_size,
-                               seed, max_pixels)
+                               seed, max_pixels, head_dim=head_dim)
 
 
 def build_tiny_qwen3_vl_moe(text_hidden: int = 64, num_layers: int = 2, vocab_size: int = 512, seed: int = 0,
