@@ -4,6 +4,7 @@ mid-size Qwen2.5-VL built from config (random weights), with step time, peak mem
     python benchmarks/gpu_check.py                      # tests, then 4 steps of the ~0.5B model
     python benchmarks/gpu_check.py --skip-tests --steps 6 --json gpu_check.json
     python benchmarks/gpu_check.py --skip-tests --mode fsdp2-full   # every weight trained, sharded over every GPU
+    python benchmarks/gpu_check.py --skip-tests --engine both       # rollouts from generate, then from vLLM
 
 It needs torch, transformers, peft, lightning, torchmetrics, pillow and pytest, and none of datasets, jsonargparse
 or math-verify: it builds the module and the data module directly (no CLI) and reads a local data folder it writes
@@ -18,6 +19,11 @@ completions.
 weights sharded with fsdp2 over every GPU of the machine (2 or more), bf16 compute under ``bf16-mixed``, the KL
 reference a sharded copy; compare its peak memory per GPU and step time with the default LoRA run. Lightning starts
 the other ranks by running this file again: they find the model and data in ``--workdir``.
+
+``--engine vllm`` rolls out with the vLLM engine (the ``vllm`` extra; docs/vllm.md), ``both`` runs the same steps
+with ``hf`` and then with ``vllm`` on the same model and data. The engine lives in processes of its own, so besides
+the training process's peak (``peak_memory_gib_per_gpu``) the check reports the device's used memory at the end of
+each step (``device_used_gib``: both processes, the engine asleep between rollouts), and the weight sync's seconds.
 """
 
 from __future__ import annotations
@@ -61,6 +67,8 @@ class StepMeter(L.Callback):
             "generate_seconds": pl_module._timed.seconds.get("generate", float("nan")),
             "generated_tokens": tokens,
             "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "device_used_gib": (lambda free, total: (total - free) / 2**30)(*torch.cuda.mem_get_info()),
+            "weight_sync_seconds": pl_module._timed.seconds.get("weight_sync", 0.0),
         })
         print(f"step {len(self.steps)}: {self.steps[-1]}", flush=True)
 
@@ -97,7 +105,7 @@ def build_model(folder: Path, hidden: int, layers: int, image_size: int) -> tupl
     return folder, parameters
 
 
-def training_steps(args, tmp: Path) -> dict:
+def training_steps(args, tmp: Path, engine: str = "hf") -> dict:
     from durian_lightning.data import MultimodalReasoningDataModule
     from durian_lightning.module import DurianGRPO
     from durian_lightning.settings import (
@@ -121,7 +129,7 @@ def training_steps(args, tmp: Path) -> dict:
         str(model_path), dtype="float32" if full else "bfloat16", gradient_checkpointing=full,
         lora=LoraSettings(enabled=not full, r=64, alpha=128),
         rollout=RolloutSettings(num_generations=8, max_new_tokens=args.new_tokens,
-                                max_sequences_per_generate=args.sequences_per_generate),
+                                max_sequences_per_generate=args.sequences_per_generate, engine=engine),
         advantages=AdvantageSettings(num_reasoning_groups=4), loss=LossSettings(preset="grpo"),
         optimization=OptimizationSettings(learning_rate=1e-6, micro_batch_size=args.micro_batch_size),
     )
@@ -135,11 +143,13 @@ def training_steps(args, tmp: Path) -> dict:
     median = lambda key: sorted(s[key] for s in timed)[len(timed) // 2]  # noqa: E731
     return {
         "device": torch.cuda.get_device_name(), "torch": torch.__version__, "parameters": parameters,
-        "mode": args.mode, "gpus": trainer.world_size,
+        "mode": args.mode, "engine": engine, "gpus": trainer.world_size,
         "image_size": args.image_size, "prompts_per_step": args.prompts, "G": 8, "new_tokens": args.new_tokens,
         "median_step_seconds": median("seconds"), "median_generate_seconds": median("generate_seconds"),
         "generated_tokens_per_second": median("generated_tokens") / median("generate_seconds"),
-        "peak_memory_gib_per_gpu": max(s["peak_memory_gib"] for s in meter.steps), "steps": meter.steps,
+        "peak_memory_gib_per_gpu": max(s["peak_memory_gib"] for s in meter.steps),
+        "device_used_gib": max(s["device_used_gib"] for s in meter.steps),
+        "median_weight_sync_seconds": median("weight_sync_seconds"), "steps": meter.steps,
     }
 
 
@@ -156,6 +166,8 @@ def main() -> None:
     parser.add_argument("--micro-batch-size", type=int, default=16)
     parser.add_argument("--mode", choices=("lora", "fsdp2-full"), default="lora",
                         help="lora: LoRA on one GPU (the _lora recipes); fsdp2-full: every weight, sharded over every GPU")
+    parser.add_argument("--engine", choices=("hf", "vllm", "both"), default="hf",
+                        help="the rollout engine; both: the same steps with hf, then with vllm")
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "durian-gpu-check",
                         help="fsdp2-full: where the model and data are written, once, for every rank")
     parser.add_argument("--json", type=Path)
@@ -165,8 +177,10 @@ def main() -> None:
     if args.mode == "fsdp2-full" and torch.cuda.device_count() < 2:
         sys.exit(f"--mode fsdp2-full shards over 2 or more GPUs; this machine has {torch.cuda.device_count()}")
     args.workdir = args.workdir / f"hidden{args.hidden}-layers{args.layers}-{args.image_size}px"
+    engines = ["hf", "vllm"] if args.engine == "both" else [args.engine]
     if os.environ.get("LOCAL_RANK", "0") != "0":  # a rank Lightning started: train only
-        training_steps(args, args.workdir)
+        for engine in engines:
+            training_steps(args, args.workdir, engine)
         return
     start = time.perf_counter()
     result: dict = {}
@@ -176,13 +190,17 @@ def main() -> None:
                                                                                    os.environ.get("PYTHONPATH")]))})
         result["cuda_tests"] = "passed" if tests.returncode == 0 else f"FAILED (exit {tests.returncode})"
         print(f"CUDA tests: {result['cuda_tests']} ({time.perf_counter() - start:.0f} s)", flush=True)
-    if args.mode == "fsdp2-full":
-        result.update(training_steps(args, args.workdir))
-    else:
-        with tempfile.TemporaryDirectory() as tmp:
-            result.update(training_steps(args, Path(tmp)))
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = args.workdir if args.mode == "fsdp2-full" else Path(tmp)
+        runs = {engine: training_steps(args, folder, engine) for engine in engines}
+    result.update(runs[engines[-1]] if len(engines) == 1 else {"engines": runs})
+    if len(engines) == 2:
+        result["vllm_vs_hf_step_time"] = runs["vllm"]["median_step_seconds"] / runs["hf"]["median_step_seconds"]
+        result["vllm_vs_hf_tokens_per_second"] = (runs["vllm"]["generated_tokens_per_second"]
+                                                  / runs["hf"]["generated_tokens_per_second"])
     result["total_seconds"] = time.perf_counter() - start
-    summary = {k: v for k, v in result.items() if k != "steps"}
+    summary = {k: ({e: {k2: v2 for k2, v2 in r.items() if k2 != "steps"} for e, r in v.items()} if k == "engines" else v)
+               for k, v in result.items() if k != "steps"}
     print(json.dumps(summary, indent=1))
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))

@@ -37,18 +37,21 @@ def _is_adapter_key(key: str) -> bool:
 def base_weights(model) -> dict[str, torch.Tensor]:
     """Every weight of the policy without its LoRA adapter, under the names of a saved checkpoint (vLLM's)."""
     base = transformers_model(model)
-    state = {}
     lora = hasattr(model, "peft_config")
+    named = {}
     for key, value in model.state_dict().items():
         if lora:
             if _is_adapter_key(key):
                 continue
             key = key.removeprefix("base_model.model.").replace(".base_layer.", ".")
-        state[key] = _whole(value)
+        named[key] = value
     from transformers.core_model_loading import revert_weight_conversion
     from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
-    state = revert_weight_conversion(base, remove_tied_weights_from_state_dict(state, base))
+    # tied weights share storage (a shard's, under fsdp2): found before the copies below
+    kept = remove_tied_weights_from_state_dict({k: v.to_local() if hasattr(v, "to_local") else v
+                                                for k, v in named.items()}, base)
+    state = revert_weight_conversion(base, {key: _whole(named[key]) for key in kept})
     renames = _RENAMES.get(model_type(model), ())
     for old, new in renames:
         state = {(new + k[len(old):] if k.startswith(old) and not k.startswith(new) else k): v for k, v in state.items()}

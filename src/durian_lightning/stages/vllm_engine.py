@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -84,7 +85,9 @@ def start_engine(model, processor, rollout, lora, evaluation) -> "VLLMEngine | N
     if rollout.engine != "vllm":
         return None
     longest = max(rollout.max_new_tokens, evaluation.max_new_tokens or 0)
-    return VLLMEngine(model, processor, rollout.vllm_max_model_len or rollout.max_prompt_length + longest,
+    config = transformers_model(model).config
+    positions = getattr(getattr(config, "text_config", config), "max_position_embeddings", None) or math.inf
+    return VLLMEngine(model, processor, rollout.vllm_max_model_len or min(rollout.max_prompt_length + longest, positions),
                       rollout.vllm_max_images, lora.r if lora.enabled else None, rollout.temperature,
                       rollout.vllm_gpu_memory_utilization, rollout.vllm_tensor_parallel_size, rollout.vllm_sleep)
 
@@ -95,7 +98,8 @@ class VLLMEngine:
     Args:
         model: the policy (peft-wrapped for LoRA; sharded under fsdp2).
         processor: its processor.
-        max_model_len: prompt plus completion tokens one row may hold.
+        max_model_len: prompt plus completion tokens one row may hold (by default max_prompt_length plus the longest
+            completion, within the model's positions).
         max_images: images one prompt may hold.
         lora_rank: the adapter's rank, None for full fine-tuning.
         temperature: the rollouts' sampling temperature (it sets which log-probs vLLM reports).
