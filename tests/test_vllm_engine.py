@@ -115,7 +115,8 @@ def test_full_fine_tuning_sends_every_weight_to_the_engine(models):
         engine.close()
 
 
-def _fit(tmp_path: Path, model: str, *args: str, command: str = "fit", devices: int = 1) -> Path:
+def _fit(tmp_path: Path, model: str, *args: str, command: str = "fit", devices: int = 1, returncode: int = 0):
+    """A ``durian`` command in a process of its own; its folder, or (with a nonzero ``returncode``) its stderr."""
     root = tmp_path / f"{command}-{len(list(tmp_path.iterdir()))}"
     cli = [sys.executable, "-m", "durian_lightning.cli", command, "--model.model_name_or_path", model,
            "--model.rollout.num_generations", "4", "--model.rollout.max_new_tokens", "12",
@@ -125,8 +126,8 @@ def _fit(tmp_path: Path, model: str, *args: str, command: str = "fit", devices: 
            *(["--trainer.strategy", "ddp"] if devices > 1 else []), *args]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "DURIAN_CACHE": str(tmp_path / "cache")}
     done = subprocess.run(cli, env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-4000:]
-    return root
+    assert done.returncode == returncode, done.stderr[-4000:]
+    return root if returncode == 0 else done.stderr
 
 
 def _metrics(root: Path) -> list[dict[str, str]]:
@@ -135,7 +136,9 @@ def _metrics(root: Path) -> list[dict[str, str]]:
 
 @pytest.mark.parametrize("family", [PRETRAINED, "qwen2_5_vl"])
 def test_fit_with_the_vllm_engine_trains_on_the_policys_own_log_probs(models, tmp_path, family):
+    # 40 tokens: the shipped model's 12-token completions of a prompt are often all alike (no advantage, no update)
     root = _fit(tmp_path, models[family], "--model.rollout.engine", "vllm", "--trainer.max_steps", "3",
+                "--model.rollout.max_new_tokens", "40",
                 "--trainer.limit_val_batches", "0", "--model.reward.functions", "[tests.test_training:length_reward]",
                 "--model.optimization.learning_rate", "0.01", "--model.adapter_dir", str(tmp_path / "adapter"))
     steps = [row for row in _metrics(root) if row.get("train/logprob_gap_max")]
@@ -163,4 +166,25 @@ def test_two_ddp_ranks_each_sample_from_an_engine_of_their_own(tmp_path):
                 "--trainer.limit_val_batches", "0", "--model.reward.functions", "[tests.test_training:length_reward]",
                 "--trainer.accelerator", "cpu", devices=2)
     steps = [row for row in _metrics(root) if row.get("train/logprob_gap_max")]
+    assert len(steps) == 2 and all(float(row["train/logprob_gap_max"]) < EXACT for row in steps)  # over both ranks
+
+
+def test_an_engine_that_dies_stops_every_rank_with_its_error(tmp_path):
+    """Rank 1's engine processes are killed after its first update: both ranks stop, none hangs."""
+    stderr = _fit(tmp_path, PRETRAINED, "--model.rollout.engine", "vllm", "--trainer.max_steps", "3",
+                  "--trainer.limit_val_batches", "0", "--trainer.accelerator", "cpu",
+                  "--trainer.callbacks+=tests.vllm_probe.KillEngine", "--trainer.callbacks.rank=1",
+                  devices=2, returncode=1)
+    assert "rank 1" in stderr and "EngineDeadError" in stderr, stderr[-3000:]
+
+
+def test_fsdp2_full_fine_tuning_gathers_every_weight_for_each_ranks_engine(tmp_path):
+    """Each rank's engine gets the whole of every sharded weight after every update."""
+    root = _fit(tmp_path, PRETRAINED, "--model.rollout.engine", "vllm", "--trainer.max_steps", "2",
+                "--trainer.limit_val_batches", "0", "--model.reward.functions", "[tests.test_training:length_reward]",
+                "--model.rollout.max_new_tokens", "40", "--model.lora.enabled", "false",
+                "--model.optimization.learning_rate", "0.001", "--trainer.accelerator", "cpu",
+                "--trainer.strategy", "fsdp2", devices=2)
+    steps = [row for row in _metrics(root) if row.get("train/logprob_gap_max")]
     assert len(steps) == 2 and all(float(row["train/logprob_gap_max"]) < EXACT for row in steps)
+    assert float(steps[0]["train/grad_norm"]) > 0  # the second rollout is from moved weights
