@@ -122,6 +122,9 @@ def shard_policy(model, mesh, mixed_precision: torch.dtype | None = None) -> Non
         recorded = _recorded_outputs(unit)
         fully_shard(unit, mesh=mesh, mp_policy=policy, ignored_params=adapter or None)
         _recorded_outputs(unit, recorded)
+    # the root initialised now, not by its first forward: the image path may run alone first (image features encoded
+    # for reuse when a vLLM engine generates), and a unit run alone before the root would take the root's role
+    transformers_model(model)._get_fsdp_state()._lazy_init()
 
 
 def _recorded_outputs(module, outputs: dict | None = None) -> dict:
@@ -132,10 +135,13 @@ def _recorded_outputs(module, outputs: dict | None = None) -> dict:
         from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
     except ImportError:  # older transformers: the outputs are recorded by the modules themselves
         return {}
+    # a plain dict keyed by the class's name up to transformers 5.19 (the vLLM CPU environment's); later, a registry
+    # that takes the module
+    key = str(module.__class__) if type(_CAN_RECORD_REGISTRY) is dict else module
     if outputs is None:
-        return _CAN_RECORD_REGISTRY.get(module)
+        return _CAN_RECORD_REGISTRY.get(key)
     if outputs:
-        _CAN_RECORD_REGISTRY[module] = outputs
+        _CAN_RECORD_REGISTRY[key] = outputs
     return outputs
 
 

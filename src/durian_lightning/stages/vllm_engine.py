@@ -7,7 +7,7 @@
 - **Never stale**: before a rollout the engine loads the weights of the policy's latest update. LoRA goes in as a
   new adapter: vLLM adds the adapter's delta beside the base weights as the training forward does, where merging
   would round it into the base weights (in bf16 an RL-sized delta mostly vanishes). Full fine-tuning writes every
-  weight and reloads them in place; partial reloads are not exact on the CPU backend, which repacks weights.
+  weight and reloads them in place (:mod:`durian_lightning.stages.vllm_worker`: tied output layers included).
 - **Exact prompts and sampling**: the engine gets the prompt text the transformers path renders, and its prompt token
   ids are checked against the processor's. Sampling is from softmax(logits / T) over the full vocabulary with the
   image placeholder tokens banned and EOS ending a row. The recorded log-probs are the behaviour log-probs for
@@ -135,6 +135,7 @@ class VLLMEngine:
             model=str(self.folder / "model"), dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
             max_model_len=max_model_len, limit_mm_per_prompt={"image": max_images}, enforce_eager=on_cpu,
             tensor_parallel_size=tensor_parallel_size, generation_config="vllm", seed=0,
+            worker_extension_cls="durian_lightning.stages.vllm_worker.PolicyWeightSync",
             logprobs_mode="raw_logprobs" if temperature == 1.0 else "processed_logprobs", **options)
         self._lora_request = None
         if self.sleep:
@@ -149,7 +150,7 @@ class VLLMEngine:
             self._load_adapter(model, version)
         else:
             write_weights(model, self.folder / "model")
-            self._awake(lambda: self.llm.collective_rpc("reload_weights",
+            self._awake(lambda: self.llm.collective_rpc("reload_policy",
                                                         kwargs={"weights_path": str(self.folder / "model")}))
             self.llm.reset_prefix_cache()
             self.llm.llm_engine.reset_encoder_cache()
