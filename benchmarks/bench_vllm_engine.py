@@ -10,6 +10,11 @@ once), ``vllm`` is :class:`~durian_lightning.stages.vllm_engine.VLLMEngine`. The
 Reported: medians over all timed calls of generated tokens (up to each row's EOS) per second, and of the seconds
 one sync takes after the weights changed (LoRA: write and register the adapter; full: write and reload every
 weight). The engine's start (20-50 s on a CPU) is reported once, not in the rates.
+
+``--lora-gap`` measures instead how far a LoRA policy's engine samples from the training forward, for the two ways
+an engine can hold the adapter: as a vLLM LoRA adapter (what the engine does), or merged into the base weights. The
+adapter's ``lora_B`` is drawn at RL-sized scales; reported are the largest and the mean absolute log-prob gap over
+the sampled tokens, per dtype.
 """
 
 from __future__ import annotations
@@ -102,13 +107,61 @@ def measure(calls: int, repeats: int) -> dict:
     return report
 
 
+def lora_gap(dtypes: list[str], stds: tuple[float, ...] = (3e-3, 3e-4), new_tokens: int = 32) -> dict:
+    import copy
+
+    import torch
+
+    from durian_lightning.models import load_policy
+    from durian_lightning.stages.rollout import SamplingConfig, completion_logprobs
+    from durian_lightning.stages.vllm_engine import VLLMEngine
+
+    batch = _batch()
+    sampling = SamplingConfig(max_new_tokens=new_tokens)
+    report = {}
+    for dtype in dtypes:
+        model, processor = load_policy(MODEL, dtype, True, 16, 32)
+        model.eval()
+        adapter_engine = VLLMEngine(model, processor, 1024, 4, 16, 1.0)
+        merged_engine = None
+        for version, std in enumerate(stds):
+            generator = torch.Generator().manual_seed(version)
+            with torch.no_grad():
+                for name, parameter in model.named_parameters():
+                    if "lora_B" in name:
+                        parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
+            merged = copy.deepcopy(model).merge_and_unload()
+            merged_engine = merged_engine or VLLMEngine(merged, processor, 1024, 4, None, 1.0)
+            row = {}
+            for way, engine, policy in (("adapter", adapter_engine, model), ("merged", merged_engine, merged)):
+                engine.sync(policy, version)
+                torch.manual_seed(version)
+                rollout = engine.generate(batch["prompt"], batch["images"], 2, sampling)
+                with torch.no_grad():
+                    forward = completion_logprobs(model, processor, rollout, list(range(len(rollout))),
+                                                  share_prefill=False)
+                gap = (forward.float() - rollout.sampled_logprobs.float()).abs()[rollout.completion_mask.bool()]
+                row[way] = {"max": float(gap.max()), "mean": float(gap.mean())}
+            report[f"{dtype} lora_B std {std:g}"] = row
+            print(dtype, std, row, file=sys.stderr, flush=True)
+        adapter_engine.close()
+        merged_engine.close()
+    return report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--calls", type=int, default=3, help="timed calls per engine and repeat")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", default=None, help="also write the figures to this file")
+    parser.add_argument("--lora-gap", nargs="*", metavar="DTYPE", default=None,
+                        help="measure the LoRA adapter against merged weights in these dtypes (default: float32 "
+                             "bfloat16) instead of the speed")
     args = parser.parse_args()
-    results = measure(args.calls, args.repeats)
+    if args.lora_gap is not None:
+        results = lora_gap(args.lora_gap or ["float32", "bfloat16"])
+    else:
+        results = measure(args.calls, args.repeats)
     print(json.dumps(results, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

@@ -115,6 +115,24 @@ def test_full_fine_tuning_sends_every_weight_to_the_engine(models):
         engine.close()
 
 
+def test_a_batch_over_one_steps_token_budget_is_sampled_whole_and_exactly(models):
+    """More prompt tokens than one engine step takes (4096): on the CPU each prompt is still prefilled whole (a
+    chunked prefill rewinds the seeded generators, which the CPU's cannot do: the engine died)."""
+    model, processor = load_policy(PRETRAINED, "float32", True, 8, 16)
+    model.eval()
+    engine = VLLMEngine(model, processor, 1024, 2, lora_rank=8, temperature=1.0)
+    try:
+        prompts, images = _prompts(processor)
+        prompts, images = prompts * 24, images * 24
+        prompt_tokens = sum(len(ids) for ids in processor(text=prompts, images=images)["input_ids"])
+        assert prompt_tokens * 4 > 2 * 4096
+        engine.sync(model, 0)
+        rollout = engine.generate(prompts, images, 4, SamplingConfig(max_new_tokens=3), 512)
+        assert len(rollout) == 4 * len(prompts) and _largest_gap(model, processor, rollout) < EXACT
+    finally:
+        engine.close()
+
+
 def _fit(tmp_path: Path, model: str, *args: str, command: str = "fit", devices: int = 1, returncode: int = 0):
     """A ``durian`` command in a process of its own; its folder, or (with a nonzero ``returncode``) its stderr."""
     root = tmp_path / f"{command}-{len(list(tmp_path.iterdir()))}"

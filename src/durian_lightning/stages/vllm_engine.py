@@ -129,7 +129,12 @@ class VLLMEngine:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         self.sleep = sleep and not on_cpu  # sleep mode frees GPU memory between rollouts; the CPU backend has none
         options = dict(enable_lora=True, max_lora_rank=lora_rank, max_loras=1) if self.lora else {}
-        if not on_cpu:
+        if on_cpu:
+            # a prompt prefilled in chunks has the sample of each partial chunk discarded, which rewinds the request's
+            # seeded generator: the CPU's generators cannot rewind, and the engine dies. Every prompt is prefilled
+            # whole instead (one step's token budget holds the longest sequence)
+            options.update(enable_chunked_prefill=False, max_num_batched_tokens=max(max_model_len, 4096))
+        else:
             options.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=self.sleep)
         self.llm = vllm.LLM(
             model=str(self.folder / "model"), dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
