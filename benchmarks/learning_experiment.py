@@ -1,6 +1,6 @@
 """The learning experiment: every advantage estimator on the bundled synthetic task, several seeds, same compute.
 
-    .venv/bin/python benchmarks/learning_experiment.py                 # all configs x seeds 0 1 2, then the report
+    .venv/bin/python benchmarks/learning_experiment.py                 # the paper's 8 configs x seeds 0 1 2, then the report
     .venv/bin/python benchmarks/learning_experiment.py --report-only   # redraw the report from finished runs
     python benchmarks/learning_experiment.py --accelerator gpu --workers 16   # on one GPU, 16 runs side by side
 
@@ -58,6 +58,7 @@ CONFIGS: dict[str, list[str]] = {
     "dapo": ["--model.advantages.estimator", "grpo", *DAPO_LOSS],
     "durian_dapo": ["--model.advantages.estimator", "durian", "--model.advantages.alphas", "[0.1, 0.2, 0.7]", *DAPO_LOSS],
 }
+PAPER_CONFIGS = list(CONFIGS)  # the paper's comparison, what a sweep runs unless told otherwise
 # candidate changes to the default run (Durian as configs/default.yaml, one change each)
 DURIAN = CONFIGS["durian"]
 CONFIGS |= {
@@ -72,6 +73,14 @@ CONFIGS |= {
     # twice the prompts per update (run with --epochs 6: 150 updates, 1.5x the default's rollouts), the compute the
     # default's 10-minute budget affords since the policy pass shares each prompt's prefill
     "durian_b16": [*DURIAN, "--data.batch_size", "16"],
+}
+# the other estimators of the field, each alone and under Durian's groups; Durian under the other losses of the field
+CONFIGS |= {
+    **{name: ["--model.advantages.estimator", name, *GRPO_LOSS]
+       for name in ("rloo", "reinforce_pp", "reinforce_pp_baseline")},
+    **{f"durian_{name}": ["--model.advantages.estimator", f"durian_{name}", "--model.advantages.alphas",
+                          "[0.1, 0.2, 0.7]", *GRPO_LOSS] for name in ("rloo", "reinforce_pp", "reinforce_pp_baseline")},
+    **{f"durian_{loss}": [*DURIAN[:4], "--model.loss.preset", loss] for loss in ("gspo", "cispo", "sapo")},
 }
 
 
@@ -359,7 +368,8 @@ def _smoothed_mean(curves: list[list[tuple[int, float]]], window: int = 20) -> t
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--configs", nargs="+", choices=list(CONFIGS),
+                        help="default: the paper's 8 to run; every config with finished runs to report")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--setup", choices=list(SETUPS), default="pretrained")
     parser.add_argument("--epochs", type=int, help="default: 8 (pretrained), 6 (format), 4 (default)")
@@ -377,8 +387,8 @@ def main() -> None:
         run_one(args.one, args.seed, epochs, out, args.setup, args.accelerator)
         return
     if not args.report_only:
-        sweep(args.configs, args.seeds, epochs, args.workers, out, args.setup, args.accelerator)
-    report(args.configs, out)
+        sweep(args.configs or PAPER_CONFIGS, args.seeds, epochs, args.workers, out, args.setup, args.accelerator)
+    report(args.configs or list(CONFIGS), out)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,9 @@ from durian_lightning.core.advantages import (
     get_estimator,
     group_std,
     grpo_advantages,
+    reinforce_pp_advantages,
+    reinforce_pp_baseline_advantages,
+    rloo_advantages,
 )
 
 EPS = 1e-6
@@ -84,6 +87,74 @@ def test_durian_by_hand():
     assert out.alphas == (0.1, 0.2, 0.7)
 
 
+# RLOO: r_i minus the mean of the other three of its prompt, = 4/3 * (r - mean(prompt)):
+#   P0 1 1 1 0: 1 - 2/3 = 1/3 (x3), 0 - 1 = -1;  P1 1 0 0 0: 1 - 0 = 1, 0 - 1/3 = -1/3 (x3);  P2: +-(1 - 1/3) = +-2/3
+LOO = [1 / 3, 1 / 3, 1 / 3, -1, 1, -1 / 3, -1 / 3, -1 / 3, 2 / 3, 2 / 3, -2 / 3, -2 / 3]
+# REINFORCE++: 6 ones, 6 zeros: mean 1/2, std sqrt(3/11) (as the batch estimator's)
+WHITE = [r - 0.5 for r in REWARDS.tolist()]
+# REINFORCE++-baseline: b = r - mean(prompt) (CENTRED), sum of squares 3/4 + 3/4 + 1 = 5/2 over 11: std sqrt(5/22)
+# Durian's groups as in test_durian_by_hand: perceptual {P0, P1} {P2}, reasoning {P0, P2} {P1}; the rewards' stds:
+S_PERCEP = [math.sqrt(2 / 7)] * 8 + [math.sqrt(1 / 3)] * 4
+S_REASON = [math.sqrt(120 / 448)] * 4 + [0.5] * 4 + [math.sqrt(120 / 448)] * 4
+# and b's stds: {P0, P1} sum of squares 3/2 over 7; {P2} 1 over 3; {P0, P2} 7/4 over 7; {P1} 3/4 over 3
+B_PERCEP = [math.sqrt(3 / 14)] * 8 + [math.sqrt(1 / 3)] * 4
+B_REASON = [0.5] * 12
+
+
+def _over(numerator, stds):
+    return torch.tensor([n / (s + EPS) for n, s in zip(numerator, stds)])
+
+
+def test_rloo_by_hand():
+    torch.testing.assert_close(rloo_advantages(REWARDS, PROMPT), torch.tensor(LOO))
+    # a prompt with one rollout has no other rollout to compare with: 0
+    assert rloo_advantages(torch.tensor([1.0, 0.0, 1.0]), torch.tensor([0, 0, 1])).tolist() == [1.0, -1.0, 0.0]
+
+
+def test_reinforce_pp_by_hand():
+    torch.testing.assert_close(reinforce_pp_advantages(REWARDS, PROMPT), _over(WHITE, [math.sqrt(3 / 11)] * 12))
+    # no baseline per prompt: an all-correct prompt is rewarded when others fail; a constant batch gives exactly 0
+    mixed = reinforce_pp_advantages(torch.tensor([1.0, 1.0, 0.0, 0.0]), torch.tensor([0, 0, 1, 1]))
+    assert mixed[0] > 0 and mixed[2] < 0
+    assert reinforce_pp_advantages(torch.full((4,), 0.3), torch.tensor([0, 0, 1, 1])).tolist() == [0.0] * 4
+
+
+def test_reinforce_pp_baseline_by_hand():
+    torch.testing.assert_close(reinforce_pp_baseline_advantages(REWARDS, PROMPT),
+                               _over(CENTRED, [math.sqrt(5 / 22)] * 12))
+    # first rollout written out: 0.25 / sqrt(5/22) = 0.524404
+    assert reinforce_pp_baseline_advantages(REWARDS, PROMPT)[0].item() == pytest.approx(0.5244044, abs=1e-5)
+
+
+@pytest.mark.parametrize("baseline, own, numerator, s_percep, s_reason", [
+    ("rloo", torch.tensor(LOO), LOO, S_PERCEP, S_REASON),
+    ("reinforce_pp", _over(WHITE, [math.sqrt(3 / 11)] * 12), WHITE, S_PERCEP, S_REASON),
+    ("reinforce_pp_baseline", _over(CENTRED, [math.sqrt(5 / 22)] * 12), CENTRED, B_PERCEP, B_REASON),
+])
+def test_durian_over_each_estimator_by_hand(baseline, own, numerator, s_percep, s_reason):
+    """The estimator's own advantage, then its numerator over its spread's std within each difficulty group."""
+    out = durian_advantages(REWARDS, PROMPT, visual_entropy=torch.tensor([1.0, 1.0, 3.0]),
+                            confidence=torch.tensor([-5.0, -1.0, -3.0]), num_reasoning_groups=2, baseline=baseline)
+    torch.testing.assert_close(out.terms[baseline], own)
+    torch.testing.assert_close(out.terms["perceptual"], _over(numerator, s_percep))
+    torch.testing.assert_close(out.terms["reasoning"], _over(numerator, s_reason))
+    torch.testing.assert_close(out.group_stds["perceptual"], torch.tensor(s_percep))
+    torch.testing.assert_close(out.advantages, 0.1 * own + 0.2 * _over(numerator, s_percep)
+                               + 0.7 * _over(numerator, s_reason))
+
+
+def test_durian_rloo_first_rollout_written_out():
+    # 0.1 * 1/3 + 0.2 * (1/3) / sqrt(2/7) + 0.7 * (1/3) / sqrt(120/448)
+    out = durian_advantages(REWARDS, PROMPT, visual_entropy=torch.tensor([1.0, 1.0, 3.0]),
+                            confidence=torch.tensor([-5.0, -1.0, -3.0]), num_reasoning_groups=2, baseline="rloo")
+    assert out.advantages[0].item() == pytest.approx(0.0333333 + 0.1247219 + 0.4508428, abs=1e-5)
+
+
+def test_durian_over_an_unknown_estimator_names_the_known_ones():
+    with pytest.raises(ValueError, match="reinforce_pp_baseline"):
+        durian_advantages(REWARDS, PROMPT, visual_entropy=torch.tensor([1.0, 1.0, 3.0]), baseline="ppo")
+
+
 def test_durian_with_one_group_per_prompt_equals_grpo():
     entropy = torch.tensor([0.3, 2.0, 5.0])  # q25 = 1.15, q75 = 3.5: each prompt alone
     confidence = torch.tensor([-1.0, -2.0, -3.0])
@@ -111,7 +182,7 @@ def test_durian_with_one_group_for_the_batch_equals_batch_std():
     torch.testing.assert_close(batch, centred / (rewards.std() + EPS))
 
 
-@pytest.mark.parametrize("name", ["grpo", "dr_grpo", "batch", "durian"])
+@pytest.mark.parametrize("name", sorted(ESTIMATORS))
 def test_adding_a_constant_to_all_rewards_changes_nothing(name):
     torch.manual_seed(1)
     rewards = torch.randint(0, 2, (48,)).double()
@@ -119,9 +190,8 @@ def test_adding_a_constant_to_all_rewards_changes_nothing(name):
     kwargs = dict(visual_entropy=torch.rand(6), confidence=torch.randn(6), num_reasoning_groups=3)
 
     def run(r):
-        if name == "durian":
-            return durian_advantages(r, prompt, **kwargs).advantages
-        return {"grpo": grpo_advantages, "dr_grpo": dr_grpo_advantages, "batch": batch_std_advantages}[name](r, prompt)
+        scores = DifficultyScores(visual_entropy=kwargs["visual_entropy"], confidence=kwargs["confidence"])
+        return get_estimator(name)(r, prompt, scores, AdvantageSettings(estimator=name, num_reasoning_groups=3)).advantages
 
     torch.testing.assert_close(run(rewards + 3.7), run(rewards))
 
@@ -282,13 +352,20 @@ SCORES = DifficultyScores(visual_entropy=torch.tensor([1.0, 1.0, 3.0]), confiden
     ("batch", lambda: batch_std_advantages(REWARDS, PROMPT)),
     ("durian", lambda: durian_advantages(REWARDS, PROMPT, visual_entropy=SCORES.visual_entropy,
                                          confidence=SCORES.confidence, num_reasoning_groups=2).advantages),
+    ("rloo", lambda: rloo_advantages(REWARDS, PROMPT)),
+    ("reinforce_pp", lambda: reinforce_pp_advantages(REWARDS, PROMPT)),
+    ("reinforce_pp_baseline", lambda: reinforce_pp_baseline_advantages(REWARDS, PROMPT)),
+    *[(f"durian_{b}", lambda b=b: durian_advantages(REWARDS, PROMPT, visual_entropy=SCORES.visual_entropy,
+                                                    confidence=SCORES.confidence, num_reasoning_groups=2,
+                                                    baseline=b).advantages)
+      for b in ("rloo", "reinforce_pp", "reinforce_pp_baseline")],
 ])
 def test_every_table_entry_is_its_estimator(name, plain):
     out = get_estimator(name)(REWARDS, PROMPT, SCORES, AdvantageSettings(estimator=name, num_reasoning_groups=2))
     assert isinstance(out, Advantages)
     torch.testing.assert_close(out.advantages, plain())
     # only Durian groups; each grouping comes with its shared stds
-    assert set(out.groups) == ({"perceptual", "reasoning"} if name == "durian" else set())
+    assert set(out.groups) == ({"perceptual", "reasoning"} if name.startswith("durian") else set())
     assert set(out.group_stds) == set(out.groups)
 
 
@@ -304,7 +381,7 @@ def test_table_settings_reach_the_estimator():
 
 
 def test_unknown_estimator_names_the_registered_ones():
-    with pytest.raises(ValueError, match="unknown estimator 'ppo'; registered: batch, dr_grpo, durian, grpo"):
+    with pytest.raises(ValueError, match="unknown estimator 'ppo'; registered: batch, dr_grpo, durian, durian_reinforce_pp, durian_reinforce_pp_baseline, durian_rloo, grpo, reinforce_pp"):
         get_estimator("ppo")
 
 

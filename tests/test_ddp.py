@@ -127,6 +127,30 @@ def assert_gradient_is_the_whole_batch_gradient(ranks, cache, model_name="tiny:l
         torch.testing.assert_close(ranks[0]["grads"][name], want, atol=1e-6, rtol=1e-4, msg=name)
 
 
+def test_ddp_whitens_reinforce_pp_baseline_over_the_global_batch(tmp_path):
+    """REINFORCE++-baseline divides by one std over the whole batch, and its Durian form by stds within difficulty
+    groups that span ranks: every rank gets what one process computes from all ranks' rollouts."""
+    dump = fit_on_two_ranks(tmp_path, "--model.advantages.estimator", "durian_reinforce_pp_baseline",
+                            "--model.advantages.num_reasoning_groups", "3", "--trainer.max_steps", "1",
+                            "--model.reward.functions", "[tests.test_training:length_reward]")
+    ranks = [json.loads((dump / f"rank{r}-step1.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["global_advantages"] == ranks[1]["global_advantages"]
+    rewards = torch.tensor(ranks[0]["global_rewards"])
+    single = durian_advantages(rewards, torch.arange(6).repeat_interleave(4),
+                               visual_entropy=torch.tensor(ranks[0]["global_entropy"]),
+                               confidence=torch.tensor(ranks[0]["global_confidence"]), num_reasoning_groups=3,
+                               baseline="reinforce_pp_baseline").advantages
+    torch.testing.assert_close(torch.tensor(ranks[0]["global_advantages"]), single)
+    for r in ranks:
+        torch.testing.assert_close(torch.tensor(r["local_advantages"]), single[r["rank"] * 12: (r["rank"] + 1) * 12])
+    # one rank's rollouts alone would give other advantages: the statistics are the global batch's
+    alone = durian_advantages(rewards[:12], torch.arange(3).repeat_interleave(4),
+                              visual_entropy=torch.tensor(ranks[0]["global_entropy"][:3]),
+                              confidence=torch.tensor(ranks[0]["global_confidence"][:3]), num_reasoning_groups=3,
+                              baseline="reinforce_pp_baseline").advantages
+    assert not torch.allclose(alone, single[:12])
+
+
 def test_ddp_token_mean_is_the_mean_over_every_ranks_tokens(tmp_path):
     # DAPO's token-mean with completions of different lengths on the two ranks: the update is the global batch's
     # token mean (one denominator for all ranks), not the mean of the two ranks' own token means

@@ -10,8 +10,10 @@ from durian_lightning.core.losses import (
     aggregate_loss,
     aggregation_denominator,
     clipped_surrogate,
+    importance_log_ratio,
     kl_penalty,
     policy_loss,
+    sapo_surrogate,
 )
 
 # two sequences of different lengths: 3 real tokens and 1 real token, padded to T = 4
@@ -127,6 +129,71 @@ def test_presets():
     assert (dapo.eps_low, dapo.eps_high, dapo.kl_coef, dapo.aggregation) == (0.2, 0.28, 0.001, "token-mean")
     with pytest.raises(ValueError, match="unknown loss preset"):
         PolicyLossConfig.preset("ppo")
+
+
+def test_gspo_clips_the_sequences_length_normalised_ratio_by_hand():
+    # sequence 0: token log-ratios 1e-4, -3e-4 -> s = exp(-1e-4) = 0.99990, inside [1 - 3e-4, 1 + 4e-4]; A = 2
+    # sequence 1: 3e-4, 5e-4 and a padded position -> s = exp(4e-4) = 1.00040008 > 1 + 4e-4: clipped, A = 1
+    # (token by token, 3e-4 would not be clipped: the sequence decides for all its tokens)
+    old = torch.tensor([[-1.0, -2.0, 0.0], [-1.5, -0.5, 0.0]], dtype=torch.float64)  # float64: ratios this close to 1
+    logprobs = (old + torch.tensor([[1e-4, -3e-4, 0.0], [3e-4, 5e-4, 0.0]], dtype=torch.float64)).requires_grad_()
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0]], dtype=torch.float64)
+    out = policy_loss(logprobs, old, torch.tensor([2.0, 1.0], dtype=torch.float64), mask,
+                      config=PolicyLossConfig.preset("gspo"))
+    # mean over the 2 sequences of -s * A: (-2 exp(-1e-4) - 1.0004) / 2
+    assert out.loss.item() == pytest.approx(-1.5001000050, abs=1e-9)
+    out.loss.backward()
+    # d/dlogp_t of sequence 0's -2 s, averaged over its 2 tokens and the 2 sequences: -2 s / 4 = -s / 2 per token;
+    # sequence 1 is clipped: no gradient
+    torch.testing.assert_close(logprobs.grad, torch.tensor([[-math.exp(-1e-4) / 2] * 2 + [0.0], [0.0, 0.0, 0.0]],
+                                                           dtype=torch.float64))
+    assert (out.clip_fraction_low.item(), out.clip_fraction_high.item()) == pytest.approx((0.0, 0.5))
+
+
+def test_sequence_ratio_ignores_padding_even_if_it_is_not_finite():
+    logprobs = torch.tensor([[-1.0, float("nan")]])
+    ratio = importance_log_ratio(logprobs, torch.tensor([[-1.5, float("-inf")]]), torch.tensor([[1.0, 0.0]]), "sequence")
+    assert ratio.tolist() == [[0.5, 0.0]]
+
+
+def test_cispo_weights_every_token_with_its_clipped_ratio_by_hand():
+    # ratios 1.5, 0.5, 1.1 on log-probs -1 with A = 1: weights clip(r, 0, 1.28) = 1.28, 0.5, 1.1
+    logprobs = torch.full((1, 3), -1.0, requires_grad=True)
+    old = logprobs.detach() - torch.log(torch.tensor([[1.5, 0.5, 1.1]]))
+    out = policy_loss(logprobs, old, torch.tensor([1.0]), torch.ones(1, 3), config=PolicyLossConfig.preset("cispo"))
+    # token mean of -w * A * log pi = (1.28 + 0.5 + 1.1) / 3
+    assert out.loss.item() == pytest.approx(0.96)
+    out.loss.backward()
+    # every token keeps a gradient, -w * A / 3, the clipped one included (PPO's clip would give it none)
+    torch.testing.assert_close(logprobs.grad, torch.tensor([[-1.28 / 3, -0.5 / 3, -1.1 / 3]]))
+    assert (out.clip_fraction_low.item(), out.clip_fraction_high.item()) == pytest.approx((0.0, 1 / 3))
+
+
+def test_sapo_soft_gate_by_hand():
+    # sequence 0: r = 1.5, A = 1, tau 1: f = 4 sigmoid(0.5) = 2.4898373, d f / d log pi = 4 s (1 - s) r = 1.4100223
+    # sequence 1: r = 0.5, A = -1, tau 1.05: f = 4 / 1.05 sigmoid(-0.525) = 1.4159383, d f / d log pi = 0.4670699
+    old = torch.tensor([[-1.0], [-2.0]])
+    logprobs = (old + torch.log(torch.tensor([[1.5], [0.5]]))).requires_grad_()
+    out = policy_loss(logprobs, old, torch.tensor([1.0, -1.0]), torch.ones(2, 1), config=PolicyLossConfig.preset("sapo"))
+    assert out.loss.item() == pytest.approx((-2.4898373 + 1.4159383) / 2, abs=1e-6)
+    out.loss.backward()
+    torch.testing.assert_close(logprobs.grad, torch.tensor([[-1.4100223 / 2], [0.4670699 / 2]]))
+    assert out.clip_fraction.item() == 0.0
+    # on-policy (r = 1) it is the plain policy gradient: -A per token
+    on = torch.tensor([[-1.0]], requires_grad=True)
+    sapo_surrogate(on - on.detach(), torch.tensor([3.0]), 1.0, 1.05).sum().backward()
+    assert on.grad.item() == pytest.approx(-3.0)
+
+
+def test_new_presets_leave_grpo_and_dapo_as_they_were():
+    assert PolicyLossConfig.preset("grpo") == PolicyLossConfig(eps_low=0.2, eps_high=0.2, kl_coef=0.01,
+                                                                aggregation="seq-mean-token-mean")
+    assert PolicyLossConfig.preset("dapo") == PolicyLossConfig(eps_low=0.2, eps_high=0.28, aggregation="token-mean")
+    gspo, cispo, sapo = (PolicyLossConfig.preset(name) for name in ("gspo", "cispo", "sapo"))
+    assert (gspo.ratio_level, gspo.eps_low, gspo.eps_high, gspo.aggregation) == ("sequence", 3e-4, 4e-4,
+                                                                                 "seq-mean-token-mean")
+    assert (cispo.objective, cispo.eps_low, cispo.eps_high) == ("cispo", 1.0, 0.28)
+    assert (sapo.objective, sapo.sapo_tau_pos, sapo.sapo_tau_neg) == ("sapo", 1.0, 1.05)
 
 
 def test_bad_input():

@@ -11,6 +11,7 @@ import torch
 
 from durian_lightning.cli import run_cli
 from durian_lightning.core.advantages import ESTIMATORS
+from durian_lightning.core.losses import PolicyLossConfig
 from durian_lightning.models import load_policy
 from durian_lightning.module import DurianGRPO
 from durian_lightning.settings import (
@@ -493,6 +494,9 @@ def test_completion_mask_stops_after_the_first_eos():
         (lambda: RewardSettings(functions=["durian_lightning.core.rewards:format_reward"], weights=[1.0, 2.0]),
          "1 reward functions but 2 reward weights"),
         (lambda: LossSettings(preset="ppo"), "unknown loss preset"),
+        (lambda: LossSettings(ratio_level="prompt"), "ratio_level must be 'token' or 'sequence'"),
+        (lambda: LossSettings(preset="sapo", sapo_tau_neg=0.0), "SAPO's temperatures must be > 0"),
+        (lambda: LossSettings(preset="dapo", eps_low=1.0), "clip range needs 0 <= eps_low < 1"),
         (lambda: RewardSettings(on_error="ignore"), "reward.on_error must be one of"),
         (lambda: EvaluationSettings(samples=-1), "evaluation.samples must be >= 0"),
     ],
@@ -655,6 +659,21 @@ def test_a_registered_estimator_is_looked_up_by_name(tmp_path, monkeypatch):
     expected = std_floor(record.batch.rewards, record.batch.prompt_index, None, None).advantages
     torch.testing.assert_close(record.advantages.advantages, expected)
     assert "difficulty/max_abs_advantage" in cli.trainer.callback_metrics
+
+
+@pytest.mark.parametrize("estimator, preset", [("durian_rloo", "gspo"), ("reinforce_pp", "cispo"),
+                                               ("durian_reinforce_pp_baseline", "sapo")])
+def test_every_estimator_and_loss_preset_trains_from_the_command_line(tmp_path, estimator, preset):
+    cli = run_cli(["fit", *fit_args(tmp_path, "tiny:llava", "--model.advantages.estimator", estimator,
+                                    "--model.loss.preset", preset,
+                                    "--model.reward.functions", "[tests.test_training:length_reward]",
+                                    "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0")])
+    record = cli.model.last_update
+    expected = ESTIMATORS[estimator](record.batch.rewards, record.batch.prompt_index, record.batch.scores,
+                                     cli.model.advantages).advantages
+    torch.testing.assert_close(record.advantages.advantages, expected)
+    assert cli.model.loss_config == PolicyLossConfig.preset(preset, normalizer=6.0)
+    assert math.isfinite(float(cli.trainer.callback_metrics["train/loss"]))
 
 
 def length_reward(completions, answers, **fields):

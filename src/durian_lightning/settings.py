@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 from durian_lightning.core.advantages import AdvantageSettings
-from durian_lightning.core.losses import Aggregation, CorrectionMode, KLEstimator, PolicyLossConfig, RolloutCorrection
+from durian_lightning.core.losses import (Aggregation, CorrectionMode, KLEstimator, PolicyLossConfig, RatioLevel,
+                                          RolloutCorrection)
 from durian_lightning.core.rewards import ON_ERROR, WeightedReward
 from durian_lightning.models.loading import DEFAULT_LORA_TARGETS
 from durian_lightning.stages.rollout import SamplingConfig
@@ -205,12 +206,18 @@ class LossSettings:
     """The policy loss: a preset, and any knob of it overridden.
 
     Args:
-        preset: grpo (clip 0.2, k3 KL 0.01, seq-mean-token-mean) or dapo (clip 0.2 / 0.28, no KL, token-mean).
+        preset: grpo (clip 0.2, k3 KL 0.01, seq-mean-token-mean), dapo (clip 0.2 / 0.28, no KL, token-mean), gspo
+            (the clip on each sequence's length-normalised ratio, 3e-4 / 4e-4, seq-mean-token-mean), cispo (the
+            clipped ratio as a detached weight on A * log-prob, at most 1.28, token-mean) or sapo (a soft gate, tau
+            1.0 / 1.05, token-mean); none of the last three has a KL term.
         eps_low: lower clip range (overrides the preset).
         eps_high: upper clip range (overrides the preset).
         kl_coef: KL penalty coefficient (overrides the preset).
         kl_estimator: k1, k2, k3 or low_var_kl (overrides the preset).
         aggregation: token-mean, seq-mean-token-mean or seq-mean-token-sum (overrides the preset).
+        ratio_level: token or sequence (GSPO's length-normalised sequence ratio) (overrides the preset).
+        sapo_tau_pos: sapo's gate temperature where the advantage is positive (overrides the preset).
+        sapo_tau_neg: sapo's gate temperature elsewhere (overrides the preset).
     normalizer: the constant seq-mean-token-sum divides each sequence's token sum by (Dr. GRPO); default: the
         rollouts' max_new_tokens, so a sequence's loss never depends on how long its batch's other completions are.
         rollout_correction: none, token or sequence: importance sampling from the log-probs the rollout engine
@@ -222,12 +229,15 @@ class LossSettings:
         rollout_correction_low: mask's lower bound, in (0, cap] (default 1 / cap).
     """
 
-    preset: Literal["grpo", "dapo"] = "grpo"
+    preset: Literal["grpo", "dapo", "gspo", "cispo", "sapo"] = "grpo"
     eps_low: float | None = None
     eps_high: float | None = None
     kl_coef: float | None = None
     kl_estimator: KLEstimator | None = None
     aggregation: Aggregation | None = None
+    ratio_level: RatioLevel | None = None
+    sapo_tau_pos: float | None = None
+    sapo_tau_neg: float | None = None
     normalizer: float | None = None
     rollout_correction: RolloutCorrection = "none"
     rollout_correction_cap: float = 2.0
@@ -255,7 +265,8 @@ class LossSettings:
         """The preset with the overrides applied (``max_new_tokens``: the default normalizer)."""
         overrides = {name: value for name, value in (
             ("eps_low", self.eps_low), ("eps_high", self.eps_high), ("kl_coef", self.kl_coef),
-            ("kl_estimator", self.kl_estimator), ("aggregation", self.aggregation)) if value is not None}
+            ("kl_estimator", self.kl_estimator), ("aggregation", self.aggregation), ("ratio_level", self.ratio_level),
+            ("sapo_tau_pos", self.sapo_tau_pos), ("sapo_tau_neg", self.sapo_tau_neg)) if value is not None}
         normalizer = float(self.normalizer if self.normalizer is not None else max_new_tokens)
         return PolicyLossConfig.preset(self.preset, normalizer=normalizer, rollout_correction=self.rollout_correction,
                                        rollout_correction_cap=self.rollout_correction_cap,
@@ -320,7 +331,7 @@ class OptimizationSettings:
 def training_summary(lora: LoraSettings, rollout: RolloutSettings, advantages: AdvantageSettings,
                      loss: PolicyLossConfig, optimization: OptimizationSettings) -> list[str]:
     """The settings that say how a policy was trained, one line each (the adapter's model card)."""
-    alphas = f", alphas {list(advantages.alphas)}" if advantages.estimator == "durian" else ""
+    alphas = f", alphas {list(advantages.alphas)}" if advantages.estimator.startswith("durian") else ""
     sampling = ", dynamic sampling" if optimization.dynamic_sampling else ""
     return [
         f"advantages: `{advantages.estimator}`{alphas}; loss: clip {loss.eps_low} / {loss.eps_high}, KL {loss.kl_coef} "

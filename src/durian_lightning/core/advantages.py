@@ -1,26 +1,35 @@
-"""Advantage estimators: GRPO, Dr. GRPO, batch-level std and Durian's difficulty-aware group normalization.
+"""Advantage estimators: GRPO, Dr. GRPO, batch-level std, RLOO, REINFORCE++ (with and without the prompt's baseline)
+and Durian's difficulty-aware group normalization under each of them.
 
 One calling convention for all: ``rewards`` is a flat ``(N,)`` tensor with one reward per rollout and
 ``prompt_index`` an ``(N,)`` integer tensor saying which prompt (``0 .. num_prompts - 1``) each rollout answers.
-Prompts may have different numbers of rollouts (after filtering). Every estimator keeps GRPO's numerator
-``r - mean(prompt)`` and differs only in the standard deviation it divides by:
+Prompts may have different numbers of rollouts (after filtering). Each estimator is a baseline (what it subtracts
+from the reward) and a spread (what it divides by, if anything):
 
-================  ====================================================================
-estimator         denominator
-================  ====================================================================
-``grpo``          std of the prompt's own rewards
-``dr_grpo``       none (Dr. GRPO removes the std)
-``batch``         one std over all rewards of the batch
-``durian``        std over all rewards of the prompts of similar difficulty (a group)
-================  ====================================================================
+=========================  ==============================================  =========================================
+estimator                  numerator                                       denominator
+=========================  ==============================================  =========================================
+``grpo``                   ``r - mean(prompt)``                            std of the prompt's own rewards
+``dr_grpo``                ``r - mean(prompt)``                            none (Dr. GRPO removes the std)
+``batch``                  ``r - mean(prompt)``                            one std over all rewards of the batch
+``rloo``                   ``r - mean(the prompt's other rewards)``        none
+``reinforce_pp``           ``r - mean(batch)``                             std of all rewards of the batch
+``reinforce_pp_baseline``  ``b = r - mean(prompt)``                        std of ``b`` over the batch
+``durian``                 GRPO's                                          std over all rewards of the prompts of
+                                                                           similar difficulty (a group)
+``durian_<estimator>``     that estimator's                                that estimator's spread, within Durian's
+                                                                           groups (``rloo``: the rewards' std)
+=========================  ==============================================  =========================================
 
 Conventions, identical in every estimator:
 
 * stds are unbiased sample stds (divide by ``n - 1``) around the mean of the set they describe, so a group
   std includes the spread between its prompts' means; a set with a single reward has std 0;
 * ``A = (r - mean(prompt)) / (std + eps)``, ``eps = 1e-6`` as in GRPO;
-* a prompt whose rewards are all equal gets exactly ``A = 0`` for every rollout (its numerator is zero;
-  this is set explicitly so that float rounding in the mean cannot leave ``1e-17 / eps`` behind);
+* a prompt whose rewards are all equal gets exactly ``A = 0`` for every rollout wherever the baseline is the
+  prompt's (its numerator is zero; this is set explicitly so that float rounding in the mean cannot leave
+  ``1e-17 / eps`` behind); under ``reinforce_pp`` it is the whole batch that must be constant for that;
+* a prompt with a single rollout has no leave-one-out baseline: ``rloo`` gives it 0;
 * the arithmetic runs in float64 and the result has the rewards' float dtype (float32 for integer rewards);
 * an empty batch gives empty results; NaN/inf rewards, bad indices and mismatched lengths raise ValueError.
 
@@ -90,8 +99,62 @@ def group_std(values: torch.Tensor, group: torch.Tensor, num_groups: int) -> tor
 
 def _normalize(c: _Centred, rollout_group: torch.Tensor, num_groups: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``(r - mean(prompt)) / (std(group) + eps)`` per rollout, and the shared std each rollout was divided by."""
-    std = group_std(c.rewards, rollout_group, num_groups)[rollout_group]
-    return c.centred / (std + eps), std
+    return _divide(c.centred, c.rewards, rollout_group, num_groups, eps)
+
+
+def _divide(numerator: torch.Tensor, spread: torch.Tensor, rollout_group: torch.Tensor, num_groups: int,
+            eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``numerator / (std of spread within the rollout's group + eps)``, and that std per rollout."""
+    std = group_std(spread, rollout_group, num_groups)[rollout_group]
+    return numerator / (std + eps), std
+
+
+@dataclass(frozen=True)
+class _Baseline:
+    """An estimator as Durian reuses it: its own advantage, the reward minus its baseline, and the values whose std
+    it divides by (Durian takes that std within its difficulty groups instead)."""
+
+    own: torch.Tensor  # (N,) float64
+    numerator: torch.Tensor  # (N,) float64
+    spread: torch.Tensor  # (N,) float64
+
+
+def _whole_batch(c: _Centred) -> torch.Tensor:
+    return torch.zeros_like(c.prompt_index)
+
+
+def _grpo_baseline(c: _Centred, eps: float) -> _Baseline:
+    own, _ = _normalize(c, c.prompt_index, c.num_prompts, eps)
+    return _Baseline(own, c.centred, c.rewards)
+
+
+def _rloo_baseline(c: _Centred, eps: float) -> _Baseline:
+    """``r_i - mean_{j != i} r_j = G / (G - 1) * (r_i - mean(prompt))``; 0 for a prompt with one rollout."""
+    counts = torch.bincount(c.prompt_index, minlength=c.num_prompts).to(torch.float64)[c.prompt_index]
+    loo = torch.where(counts > 1, c.centred * counts / (counts - 1).clamp_min(1), torch.zeros_like(c.centred))
+    return _Baseline(loo, loo, c.rewards)
+
+
+def _reinforce_pp_baseline_free(c: _Centred, eps: float) -> _Baseline:
+    """REINFORCE++: the rewards whitened over the whole batch (exactly 0 where the batch is constant)."""
+    constant = c.rewards.numel() == 0 or bool(c.rewards.max() == c.rewards.min())
+    numerator = torch.zeros_like(c.rewards) if constant else c.rewards - c.rewards.mean()
+    own, _ = _divide(numerator, c.rewards, _whole_batch(c), 1, eps)
+    return _Baseline(own, numerator, c.rewards)
+
+
+def _reinforce_pp_with_baseline(c: _Centred, eps: float) -> _Baseline:
+    """REINFORCE++-baseline: ``b = r - mean(prompt)``, whitened over the whole batch. ``b`` has mean 0 over the batch
+    and over any set of whole prompts, so whitening only divides."""
+    own, _ = _divide(c.centred, c.centred, _whole_batch(c), 1, eps)
+    return _Baseline(own, c.centred, c.centred)
+
+
+BASELINES: dict[str, Callable[[_Centred, float], _Baseline]] = {
+    "grpo": _grpo_baseline, "rloo": _rloo_baseline, "reinforce_pp": _reinforce_pp_baseline_free,
+    "reinforce_pp_baseline": _reinforce_pp_with_baseline,
+}
+"""The estimators Durian's difficulty groups combine with, by name (``durian`` is ``grpo``'s form)."""
 
 
 def _check_eps(eps: float) -> None:
@@ -126,6 +189,33 @@ def batch_std_advantages(
     c = _centre(rewards, prompt_index, num_prompts)
     advantages, _ = _normalize(c, torch.zeros_like(c.prompt_index), 1, eps)
     return advantages.to(c.out_dtype)
+
+
+def rloo_advantages(
+    rewards: torch.Tensor, prompt_index: torch.Tensor, *, eps: float = DEFAULT_EPS, num_prompts: int | None = None
+) -> torch.Tensor:
+    """RLOO: ``A_i = r_i - mean of the prompt's other rewards``, no std (``eps`` unused); 0 for a lone rollout."""
+    return _own("rloo", rewards, prompt_index, eps, num_prompts)
+
+
+def reinforce_pp_advantages(
+    rewards: torch.Tensor, prompt_index: torch.Tensor, *, eps: float = DEFAULT_EPS, num_prompts: int | None = None
+) -> torch.Tensor:
+    """REINFORCE++: ``A = (r - mean(batch)) / (std(batch) + eps)``; the prompt plays no part."""
+    return _own("reinforce_pp", rewards, prompt_index, eps, num_prompts)
+
+
+def reinforce_pp_baseline_advantages(
+    rewards: torch.Tensor, prompt_index: torch.Tensor, *, eps: float = DEFAULT_EPS, num_prompts: int | None = None
+) -> torch.Tensor:
+    """REINFORCE++-baseline: ``b = r - mean(prompt)``, ``A = b / (std of b over the batch + eps)``."""
+    return _own("reinforce_pp_baseline", rewards, prompt_index, eps, num_prompts)
+
+
+def _own(baseline: str, rewards, prompt_index, eps: float, num_prompts: int | None) -> torch.Tensor:
+    _check_eps(eps)
+    c = _centre(rewards, prompt_index, num_prompts)
+    return BASELINES[baseline](c, eps).own.to(c.out_dtype)
 
 
 @dataclass(frozen=True)
@@ -191,6 +281,7 @@ def durian_advantages(
     entropy_thresholds: torch.Tensor | Sequence[float] | None = None,
     eps: float = DEFAULT_EPS,
     num_prompts: int | None = None,
+    baseline: str = "grpo",
 ) -> Advantages:
     """Durian: ``A = a_ori * A_grpo + a_percep * A_percep + a_reason * A_reason``.
 
@@ -201,25 +292,32 @@ def durian_advantages(
 
     ``visual_entropy`` and ``confidence`` are per prompt, ``(num_prompts,)``. Passing only one of them, or setting
     an alpha to 0, gives the perceptual-only or reasoning-only ablation (see :func:`effective_alphas`).
+
+    ``baseline`` puts the groups under another estimator of :data:`BASELINES`: ``A_grpo`` becomes that estimator's
+    own advantage, and each group term divides its numerator by the std of what it divides by (``rloo``: the
+    rewards), taken within the group. ``grpo`` is the paper's Durian.
     """
     _check_eps(eps)
+    if baseline not in BASELINES:
+        raise ValueError(f"unknown baseline {baseline!r} for Durian; choose one of {sorted(BASELINES)}")
     c = _centre(rewards, prompt_index, num_prompts)
     device = c.rewards.device
     entropy = _per_prompt_score("visual_entropy", visual_entropy, c.num_prompts, device)
     conf = _per_prompt_score("confidence", confidence, c.num_prompts, device)
     weights = effective_alphas(alphas, entropy is not None, conf is not None)
 
-    grpo, _ = _normalize(c, c.prompt_index, c.num_prompts, eps)
-    combined = weights[0] * grpo
-    terms, groups, stds = {"grpo": grpo}, {}, {}
+    base = BASELINES[baseline](c, eps)
+    combined = weights[0] * base.own
+    terms, groups, stds = {baseline: base.own}, {}, {}
     if weights[1] > 0:
         groups["perceptual"] = perceptual_groups(entropy, percentiles, entropy_thresholds)[c.prompt_index]
-        terms["perceptual"], stds["perceptual"] = _normalize(c, groups["perceptual"], 3, eps)
+        terms["perceptual"], stds["perceptual"] = _divide(base.numerator, base.spread, groups["perceptual"], 3, eps)
         combined = combined + weights[1] * terms["perceptual"]
     if weights[2] > 0:
         groups["reasoning"] = reasoning_groups(conf, num_reasoning_groups)[c.prompt_index]
         num_groups = min(num_reasoning_groups, c.num_prompts)
-        terms["reasoning"], stds["reasoning"] = _normalize(c, groups["reasoning"], num_groups, eps)
+        terms["reasoning"], stds["reasoning"] = _divide(base.numerator, base.spread, groups["reasoning"], num_groups,
+                                                        eps)
         combined = combined + weights[2] * terms["reasoning"]
 
     def cast(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -242,7 +340,9 @@ class AdvantageSettings:
     """How advantages are computed.
 
     Args:
-        estimator: a name in :data:`ESTIMATORS`: grpo, dr_grpo, batch or durian (or one you register).
+        estimator: a name in :data:`ESTIMATORS`: grpo, dr_grpo, batch, rloo, reinforce_pp, reinforce_pp_baseline,
+            durian (Durian over GRPO) or durian_rloo, durian_reinforce_pp, durian_reinforce_pp_baseline (or one you
+            register).
         alphas: Durian's (alpha_ori, alpha_percep, alpha_reason); (0.1, 0.9, 0) or (0.1, 0, 0.9) are the one-axis ablations.
         num_reasoning_groups: b, equal-frequency groups of confidence (the paper finds 12-16 best).
         percentiles: the two entropy percentiles splitting the three perceptual groups.
@@ -282,15 +382,30 @@ def _batch_std(rewards, prompt_index, scores: DifficultyScores, settings: Advant
     return Advantages(batch_std_advantages(rewards, prompt_index, eps=settings.eps))
 
 
-def _durian(rewards, prompt_index, scores: DifficultyScores, settings: AdvantageSettings) -> Advantages:
-    return durian_advantages(
-        rewards, prompt_index, visual_entropy=scores.visual_entropy, confidence=scores.confidence,
-        alphas=settings.alphas, num_reasoning_groups=settings.num_reasoning_groups, percentiles=settings.percentiles,
-        entropy_thresholds=scores.entropy_thresholds, eps=settings.eps,
-    )
+def _own_estimator(baseline: str) -> Estimator:
+    def estimate(rewards, prompt_index, scores: DifficultyScores, settings: AdvantageSettings) -> Advantages:
+        return Advantages(_own(baseline, rewards, prompt_index, settings.eps, None))
+
+    return estimate
 
 
-ESTIMATORS: dict[str, Estimator] = {"grpo": _grpo, "dr_grpo": _dr_grpo, "batch": _batch_std, "durian": _durian}
+def _durian_over(baseline: str) -> Estimator:
+    def estimate(rewards, prompt_index, scores: DifficultyScores, settings: AdvantageSettings) -> Advantages:
+        return durian_advantages(
+            rewards, prompt_index, visual_entropy=scores.visual_entropy, confidence=scores.confidence,
+            alphas=settings.alphas, num_reasoning_groups=settings.num_reasoning_groups,
+            percentiles=settings.percentiles, entropy_thresholds=scores.entropy_thresholds, eps=settings.eps,
+            baseline=baseline,
+        )
+
+    return estimate
+
+
+ESTIMATORS: dict[str, Estimator] = {
+    "grpo": _grpo, "dr_grpo": _dr_grpo, "batch": _batch_std, "durian": _durian_over("grpo"),
+    **{name: _own_estimator(name) for name in ("rloo", "reinforce_pp", "reinforce_pp_baseline")},
+    **{f"durian_{name}": _durian_over(name) for name in ("rloo", "reinforce_pp", "reinforce_pp_baseline")},
+}
 """Every estimator by name: ``f(rewards, prompt_index, scores, settings) -> Advantages``. Register one by adding it."""
 
 

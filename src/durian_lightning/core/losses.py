@@ -1,4 +1,5 @@
-"""Policy losses: PPO's clipped surrogate, KL estimators to a reference policy, and how per-token losses are averaged.
+"""Policy losses: PPO's clipped surrogate (per token, or GSPO's per sequence), CISPO's clipped importance weight,
+SAPO's soft gate, KL estimators to a reference policy, and how per-token losses are averaged.
 
 Shapes: log-probs and the completion mask are ``(N, T)`` (N sequences, T completion positions, mask 1 on real
 tokens); advantages are ``(N,)`` (broadcast to every token of the sequence) or ``(N, T)``.
@@ -22,6 +23,8 @@ import torch
 KLEstimator = Literal["k1", "k2", "k3", "low_var_kl"]
 Aggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]
 RolloutCorrection = Literal["none", "token", "sequence"]
+Objective = Literal["clip", "cispo", "sapo"]
+RatioLevel = Literal["token", "sequence"]
 CorrectionMode = Literal["truncate", "mask"]
 
 _MAX_LOG_RATIO = 20.0
@@ -41,11 +44,13 @@ def clipped_surrogate(
     advantages: torch.Tensor,
     eps_low: float = 0.2,
     eps_high: float | None = None,
+    log_ratio: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-token PPO loss ``-min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A)``, ``ratio = pi / pi_old``.
 
     ``eps_high`` defaults to ``eps_low`` (symmetric PPO); DAPO's "clip-higher" uses 0.2 / 0.28. Where the clipped
     branch is the minimum and the ratio is outside the range, the gradient is exactly zero: the update stops there.
+    ``log_ratio`` replaces ``log pi - log pi_old`` (GSPO's sequence ratio: :func:`importance_log_ratio`).
     """
     if tuple(logprobs.shape) != tuple(old_logprobs.shape):
         raise ValueError(f"logprobs {tuple(logprobs.shape)} and old_logprobs {tuple(old_logprobs.shape)} must match")
@@ -53,21 +58,74 @@ def clipped_surrogate(
     if not (0 <= eps_low < 1 and eps_high >= 0):
         raise ValueError(f"clip range needs 0 <= eps_low < 1 and eps_high >= 0, got eps_low={eps_low}, eps_high={eps_high}")
     adv = _broadcast_advantages(advantages, logprobs).to(logprobs.dtype)
-    ratio = torch.exp(logprobs - old_logprobs)
+    ratio = torch.exp(logprobs - old_logprobs if log_ratio is None else log_ratio)
     unclipped = ratio * adv
     clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * adv
     return -torch.minimum(unclipped, clipped)
 
 
 def clipped_tokens(
-    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, eps_low: float, eps_high: float
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, eps_low: float, eps_high: float,
+    log_ratio: torch.Tensor | None = None, objective: Objective = "clip",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Where the clipped branch is active, as ``(low, high)`` boolean masks shaped like ``logprobs``: the ratio fell
-    below ``1 - eps_low`` on a negative advantage, or rose above ``1 + eps_high`` on a positive one. These tokens get
-    no gradient."""
-    ratio = torch.exp(logprobs - old_logprobs)
+    """Where the ratio was clipped, as ``(low, high)`` boolean masks shaped like ``logprobs``.
+
+    ``clip``: the clipped branch is active (the ratio fell below ``1 - eps_low`` on a negative advantage, or rose
+    above ``1 + eps_high`` on a positive one); these tokens get no gradient. ``cispo``: the weight was clipped, at
+    either end, whatever the advantage. ``sapo`` clips nothing."""
+    ratio = torch.exp(logprobs - old_logprobs if log_ratio is None else log_ratio)
+    if objective == "sapo":
+        return torch.zeros_like(ratio, dtype=torch.bool), torch.zeros_like(ratio, dtype=torch.bool)
+    if objective == "cispo":
+        return ratio < 1 - eps_low, ratio > 1 + eps_high
     adv = _broadcast_advantages(advantages, logprobs)
     return (ratio < 1 - eps_low) & (adv < 0), (ratio > 1 + eps_high) & (adv > 0)
+
+
+def importance_log_ratio(logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor,
+                         level: RatioLevel = "token") -> torch.Tensor:
+    """``(N, T)`` log of the importance ratio ``pi / pi_old`` the objective uses.
+
+    ``token``: each token's own, ``log pi_t - log pi_old_t``. ``sequence`` (GSPO): every token of a sequence carries
+    the sequence's length-normalised log-ratio ``s = mean over its real tokens of (log pi_t - log pi_old_t)``, with
+    the gradient of its own log-prob: ``sg(s) + log pi_t - sg(log pi_t)``. Averaged over the sequence's tokens, the
+    gradient is then exactly that of ``s``. 0 on padding.
+    """
+    if tuple(logprobs.shape) != tuple(old_logprobs.shape):
+        raise ValueError(f"logprobs {tuple(logprobs.shape)} and old_logprobs {tuple(old_logprobs.shape)} must match")
+    real = mask > 0  # where(), not a product: padded positions may hold inf or NaN
+    token = torch.where(real, logprobs - old_logprobs, torch.zeros_like(logprobs))
+    if level == "token":
+        return token
+    if level != "sequence":
+        raise ValueError(f"ratio_level must be 'token' or 'sequence', got {level!r}")
+    sequence = token.detach().sum(dim=1, keepdim=True) / real.sum(dim=1, keepdim=True).clamp_min(1)
+    return torch.where(real, sequence + logprobs - logprobs.detach(), torch.zeros_like(logprobs))
+
+
+def cispo_surrogate(logprobs: torch.Tensor, log_ratio: torch.Tensor, advantages: torch.Tensor, eps_low: float,
+                    eps_high: float) -> torch.Tensor:
+    """Per-token CISPO loss ``-sg(clip(ratio, 1 - eps_low, 1 + eps_high)) * A * log pi``: the ratio is clipped as a
+    weight, not as a branch of a min, so every token keeps a gradient (of size the weight times ``A``).
+    ``eps_low = 1`` leaves the weight unbounded below, as MiniMax-M1 does."""
+    if not (0 <= eps_low <= 1 and eps_high >= 0):
+        raise ValueError(f"CISPO's clip range needs 0 <= eps_low <= 1 and eps_high >= 0, got eps_low={eps_low}, "
+                         f"eps_high={eps_high}")
+    adv = _broadcast_advantages(advantages, logprobs).to(logprobs.dtype)
+    weight = torch.clamp(log_ratio.detach().exp(), 1.0 - eps_low, 1.0 + eps_high)
+    return -weight * adv * logprobs
+
+
+def sapo_surrogate(log_ratio: torch.Tensor, advantages: torch.Tensor, tau_pos: float, tau_neg: float) -> torch.Tensor:
+    """Per-token SAPO loss ``-f(ratio) * A`` with the soft gate ``f(r) = 4 / tau * sigmoid(tau * (r - 1))``, ``tau``
+    ``tau_pos`` where ``A > 0`` and ``tau_neg`` elsewhere. ``f'(1) = 1``: on-policy it is the plain policy gradient;
+    away from 1 the gradient ``4 s (1 - s)``, ``s = sigmoid(tau * (r - 1))``, fades smoothly instead of stopping."""
+    if not (tau_pos > 0 and tau_neg > 0):
+        raise ValueError(f"SAPO's temperatures must be > 0, got tau_pos={tau_pos}, tau_neg={tau_neg}")
+    adv = _broadcast_advantages(advantages, log_ratio).to(log_ratio.dtype)
+    tau = torch.where(adv > 0, torch.full_like(adv, tau_pos), torch.full_like(adv, tau_neg))
+    gate = 4.0 / tau * torch.sigmoid(tau * (log_ratio.clamp(max=_MAX_LOG_RATIO).exp() - 1.0))
+    return -gate * adv
 
 
 def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: KLEstimator = "k3") -> torch.Tensor:
@@ -172,11 +230,16 @@ def aggregate_loss(
 
 @dataclass(frozen=True)
 class PolicyLossConfig:
-    """Every knob of the policy loss; :meth:`preset` gives the paper's GRPO and DAPO settings.
+    """Every knob of the policy loss; :meth:`preset` gives the paper's GRPO and DAPO settings and the other
+    objectives of the field.
 
     ``grpo``: symmetric clip 0.2, KL to the reference (k3, coefficient 0.01), per-sequence token mean.
     ``dapo``: clip-higher 0.2 / 0.28, no KL, token mean over the batch. (DAPO's dynamic sampling is a property of
     the rollout loop, not of the loss.)
+    ``gspo``: the clip on the sequence's length-normalised ratio, range 3e-4 / 4e-4, no KL, per-sequence token mean.
+    ``cispo``: the clipped ratio as a detached weight on ``A * log pi``, unbounded below, 0.28 above, no KL,
+    token mean.
+    ``sapo``: the soft gate, temperatures 1.0 (``A > 0``) and 1.05 (``A <= 0``), no KL, token mean.
     """
 
     eps_low: float = 0.2
@@ -189,12 +252,33 @@ class PolicyLossConfig:
     rollout_correction_cap: float = 2.0
     rollout_correction_mode: CorrectionMode = "truncate"
     rollout_correction_low: float | None = None  # mask's lower bound (default 1 / cap)
+    objective: Objective = "clip"  # PPO's clipped min, CISPO's clipped weight, or SAPO's soft gate
+    ratio_level: RatioLevel = "token"  # sequence: GSPO's length-normalised sequence ratio
+    sapo_tau_pos: float = 1.0
+    sapo_tau_neg: float = 1.05
+
+    def __post_init__(self) -> None:  # a bad value fails when the settings are read, not at the first update
+        if self.objective not in ("clip", "cispo", "sapo"):
+            raise ValueError(f"objective must be 'clip', 'cispo' or 'sapo', got {self.objective!r}")
+        if self.ratio_level not in ("token", "sequence"):
+            raise ValueError(f"ratio_level must be 'token' or 'sequence', got {self.ratio_level!r}")
+        below_one = self.eps_low <= 1 if self.objective == "cispo" else self.eps_low < 1  # CISPO: 1 = no lower bound
+        if not (0 <= self.eps_low and below_one and self.eps_high >= 0):
+            raise ValueError(f"the {self.objective} objective's clip range needs 0 <= eps_low "
+                             f"{'<=' if self.objective == 'cispo' else '<'} 1 and eps_high >= 0, got "
+                             f"eps_low={self.eps_low}, eps_high={self.eps_high}")
+        if not (self.sapo_tau_pos > 0 and self.sapo_tau_neg > 0):
+            raise ValueError(f"SAPO's temperatures must be > 0, got {self.sapo_tau_pos} and {self.sapo_tau_neg}")
 
     @classmethod
-    def preset(cls, name: Literal["grpo", "dapo"], **overrides) -> "PolicyLossConfig":
+    def preset(cls, name: Literal["grpo", "dapo", "gspo", "cispo", "sapo"], **overrides) -> "PolicyLossConfig":
         presets = {
             "grpo": cls(eps_low=0.2, eps_high=0.2, kl_coef=0.01, kl_estimator="k3", aggregation="seq-mean-token-mean"),
             "dapo": cls(eps_low=0.2, eps_high=0.28, kl_coef=0.0, aggregation="token-mean"),
+            "gspo": cls(eps_low=3e-4, eps_high=4e-4, kl_coef=0.0, aggregation="seq-mean-token-mean",
+                        ratio_level="sequence"),
+            "cispo": cls(eps_low=1.0, eps_high=0.28, kl_coef=0.0, aggregation="token-mean", objective="cispo"),
+            "sapo": cls(kl_coef=0.0, aggregation="token-mean", objective="sapo"),
         }
         if name not in presets:
             raise ValueError(f"unknown loss preset {name!r}; choose one of {sorted(presets)}")
@@ -227,7 +311,8 @@ def policy_loss(
     denominator: float | None = None,
     behaviour_logprobs: torch.Tensor | None = None,
 ) -> PolicyLoss:
-    """Clipped surrogate plus ``kl_coef`` times the KL estimate, both aggregated with ``config.aggregation``.
+    """The objective's surrogate (``config.objective``, on ``config.ratio_level``'s ratio) plus ``kl_coef`` times the
+    KL estimate, both aggregated with ``config.aggregation``.
 
     With ``config.rollout_correction`` the surrogate of each token is weighted by
     :func:`truncated_importance_weights` from ``behaviour_logprobs`` (what the rollout recorded) to ``old_logprobs``.
@@ -242,7 +327,16 @@ def policy_loss(
     def aggregate(token_values: torch.Tensor) -> torch.Tensor:
         return aggregation_numerator(token_values, mask, config.aggregation, config.normalizer) / denominator
 
-    surrogate = clipped_surrogate(logprobs, old_logprobs, advantages, config.eps_low, config.eps_high)
+    log_ratio = importance_log_ratio(logprobs, old_logprobs, mask, config.ratio_level)
+    if config.objective == "clip":  # the token level as it always was: padding is left to the aggregation
+        surrogate = clipped_surrogate(logprobs, old_logprobs, advantages, config.eps_low, config.eps_high,
+                                      log_ratio=None if config.ratio_level == "token" else log_ratio)
+    elif config.objective == "cispo":
+        surrogate = cispo_surrogate(logprobs, log_ratio, advantages, config.eps_low, config.eps_high)
+    elif config.objective == "sapo":
+        surrogate = sapo_surrogate(log_ratio, advantages, config.sapo_tau_pos, config.sapo_tau_neg)
+    else:
+        raise ValueError(f"objective must be 'clip', 'cispo' or 'sapo', got {config.objective!r}")
     if config.rollout_correction != "none":
         if behaviour_logprobs is None:
             raise ValueError(f"rollout_correction={config.rollout_correction!r} needs the log-probs recorded while "
@@ -261,6 +355,7 @@ def policy_loss(
     loss = aggregate(token_loss)
     with torch.no_grad():
         low, high = (aggregate_loss(c.to(logprobs.dtype), mask, "token-mean")
-                     for c in clipped_tokens(logprobs, old_logprobs, advantages, config.eps_low, config.eps_high))
+                     for c in clipped_tokens(logprobs, old_logprobs, advantages, config.eps_low, config.eps_high,
+                                             log_ratio, config.objective))
         pg = aggregate(surrogate.detach())
     return PolicyLoss(loss=loss, policy_loss=pg, kl=kl_value, clip_fraction_low=low, clip_fraction_high=high)
