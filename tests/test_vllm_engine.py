@@ -133,8 +133,10 @@ def test_a_batch_over_one_steps_token_budget_is_sampled_whole_and_exactly(models
         engine.close()
 
 
-def _fit(tmp_path: Path, model: str, *args: str, command: str = "fit", devices: int = 1, returncode: int = 0):
-    """A ``durian`` command in a process of its own; its folder, or (with a nonzero ``returncode``) its stderr."""
+def _fit(tmp_path: Path, model: str, *args: str, command: str = "fit", devices: int = 1,
+         returncode: int | tuple[int, ...] = 0):
+    """A ``durian`` command in a process of its own; its folder, or (with nonzero ``returncode``s, any of which
+    may end it) its stderr."""
     root = tmp_path / f"{command}-{len(list(tmp_path.iterdir()))}"
     cli = [sys.executable, "-m", "durian_lightning.cli", command, "--model.model_name_or_path", model,
            "--model.rollout.num_generations", "4", "--model.rollout.max_new_tokens", "12",
@@ -144,7 +146,7 @@ def _fit(tmp_path: Path, model: str, *args: str, command: str = "fit", devices: 
            *(["--trainer.strategy", "ddp"] if devices > 1 else []), *args]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "DURIAN_CACHE": str(tmp_path / "cache")}
     done = subprocess.run(cli, env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == returncode, done.stderr[-4000:]
+    assert done.returncode in (returncode if isinstance(returncode, tuple) else (returncode,)), done.stderr[-4000:]
     return root if returncode == 0 else done.stderr
 
 
@@ -192,7 +194,9 @@ def test_an_engine_that_dies_stops_every_rank_with_its_error(tmp_path):
     stderr = _fit(tmp_path, PRETRAINED, "--model.rollout.engine", "vllm", "--trainer.max_steps", "3",
                   "--trainer.limit_val_batches", "0", "--trainer.accelerator", "cpu",
                   "--trainer.callbacks+=tests.vllm_probe.KillEngine", "--trainer.callbacks.rank=1",
-                  devices=2, returncode=1)
+                  devices=2, returncode=(1, -9))
+    # rank 0 closes its own engine on the way out: when that takes longer than Lightning's launcher waits after
+    # rank 1 exited, the launcher ends it with SIGKILL (-9) instead of its own exit status 1
     assert "rank 1" in stderr and "EngineDeadError" in stderr, stderr[-3000:]
 
 

@@ -28,6 +28,7 @@ import math
 import os
 import shutil
 import tempfile
+import threading
 import time
 import weakref
 from pathlib import Path
@@ -144,7 +145,7 @@ class VLLMEngine:
             logprobs_mode="raw_logprobs" if temperature == 1.0 else "processed_logprobs", **options)
         self._lora_request = None
         if self.sleep:
-            self.llm.sleep(level=1)
+            self._control(lambda: self.llm.sleep(level=1))
 
     def sync(self, model, version: int) -> None:
         """Load the policy's weights into the engine unless it already has those of update ``version``."""
@@ -155,10 +156,10 @@ class VLLMEngine:
             self._load_adapter(model, version)
         else:
             write_weights(model, self.folder / "model")
-            self._awake(lambda: self.llm.collective_rpc("reload_policy",
-                                                        kwargs={"weights_path": str(self.folder / "model")}))
-            self.llm.reset_prefix_cache()
-            self.llm.llm_engine.reset_encoder_cache()
+            self._awake(lambda: self._control(lambda: self.llm.collective_rpc(
+                "reload_policy", kwargs={"weights_path": str(self.folder / "model")})))
+            self._control(self.llm.reset_prefix_cache)
+            self._control(self.llm.llm_engine.reset_encoder_cache)
         self.version = version
         self.sync_seconds.append(time.perf_counter() - start)
 
@@ -170,17 +171,46 @@ class VLLMEngine:
         previous = self._lora_request
         self._lora_request = LoRARequest(f"policy-{version}", version + 1, str(folder))
         if previous is not None:
-            self.llm.llm_engine.remove_lora(previous.lora_int_id)
+            self._control(lambda: self.llm.llm_engine.remove_lora(previous.lora_int_id))
             shutil.rmtree(previous.lora_path, ignore_errors=True)
 
     def _awake(self, call):
         if not self.sleep:
             return call()
-        self.llm.wake_up()
+        self._control(self.llm.wake_up)
         try:
             return call()
         finally:
-            self.llm.sleep(level=1)
+            self._control(lambda: self.llm.sleep(level=1))
+
+    def _control(self, call, poll_seconds: float = 0.5):
+        """``call()``, a request to the engine that waits for its reply (adapters, weights, caches, sleep). vLLM
+        leaves such a request waiting forever when the engine dies after it was sent, so it runs in a thread of its
+        own while this one watches the engine: a dead engine raises ``EngineDeadError`` here, which stops every rank,
+        instead of a hang."""
+        resources = getattr(getattr(self.llm.llm_engine, "engine_core", None), "resources", None)
+        if resources is None:  # an engine in this process: nothing to outlive
+            return call()
+        outcome: dict = {}
+        finished = threading.Event()
+
+        def run():
+            try:
+                outcome["value"] = call()
+            except BaseException as error:  # re-raised in the caller's thread
+                outcome["error"] = error
+            finally:
+                finished.set()
+
+        threading.Thread(target=run, daemon=True, name="vllm-engine-request").start()
+        while not finished.wait(poll_seconds):
+            if getattr(resources, "engine_dead", False):
+                from vllm.v1.engine.exceptions import EngineDeadError
+
+                raise EngineDeadError()
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome.get("value")
 
     def rollouts(self, model, version: int, batch: dict, num_generations: int, sampling: SamplingConfig,
                  max_prompt_length: int | None, timed=None) -> Rollout:
