@@ -25,7 +25,7 @@ Conventions, identical in every estimator:
 
 * stds are unbiased sample stds (divide by ``n - 1``) around the mean of the set they describe, so a group
   std includes the spread between its prompts' means; a set with a single reward has std 0;
-* ``A = (r - mean(prompt)) / (std + eps)``, ``eps = 1e-6`` as in GRPO;
+* ``A = numerator / (std + eps)``, ``eps = 1e-6`` as in GRPO;
 * a prompt whose rewards are all equal gets exactly ``A = 0`` for every rollout wherever the baseline is the
   prompt's (its numerator is zero; this is set explicitly so that float rounding in the mean cannot leave
   ``1e-17 / eps`` behind); under ``reinforce_pp`` it is the whole batch that must be constant for that;
