@@ -333,10 +333,8 @@ def policy_loss(
                                       log_ratio=None if config.ratio_level == "token" else log_ratio)
     elif config.objective == "cispo":
         surrogate = cispo_surrogate(logprobs, log_ratio, advantages, config.eps_low, config.eps_high)
-    elif config.objective == "sapo":
+    else:  # sapo (PolicyLossConfig admits no other objective)
         surrogate = sapo_surrogate(log_ratio, advantages, config.sapo_tau_pos, config.sapo_tau_neg)
-    else:
-        raise ValueError(f"objective must be 'clip', 'cispo' or 'sapo', got {config.objective!r}")
     if config.rollout_correction != "none":
         if behaviour_logprobs is None:
             raise ValueError(f"rollout_correction={config.rollout_correction!r} needs the log-probs recorded while "
